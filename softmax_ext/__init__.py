@@ -1,0 +1,11 @@
+"""softmax_ext: fused, numerically stable softmax and softmax-cross-entropy kernels for PyTorch.
+
+C++ kernels serve CPU tensors, Triton kernels CUDA tensors; both sit behind torch.library operators
+wrapped in autograd Functions. The public API mirrors PyTorch's names and signatures.
+"""
+from . import ops as _ops  # noqa: F401  (defines the torch.library operators)
+from .functional import cross_entropy, log_softmax, softmax
+from .nn import CrossEntropyLoss, LogSoftmax, Softmax
+
+__all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax"]
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""Compiler and linker flags for the C++ extension, shared by setup.py and the JIT fallback."""
+from __future__ import annotations
+
+import sys
+
+
+def cxx_flags() -> list[str]:
+    """-O3 and OpenMP: without -fopenmp at compile and link, at::parallel_for runs on one thread."""
+    if sys.platform == "win32":
+        return ["/O2", "/openmp", "/std:c++17"]
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    if sys.platform == "darwin":
+        flags = ["-O3", "-std=c++17", "-Xpreprocessor", "-fopenmp"]
+    return flags
+
+
+def link_flags() -> list[str]:
+    if sys.platform == "win32":
+        return []
+    return ["-fopenmp"] if sys.platform != "darwin" else ["-lomp"]

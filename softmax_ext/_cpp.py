@@ -1,0 +1,43 @@
+"""Finding and loading the compiled C++ extension (``softmax_ext._C``).
+
+setup.py builds ``softmax_ext._C`` ahead of time. Only when that module is missing (a source
+checkout nobody built) do we JIT-compile csrc/ with torch.utils.cpp_extension.load; never both,
+since two registrations of the same torch.library kernels abort the process.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_loaded = False
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import load
+
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    sources = sorted(str(p) for p in csrc.glob("*.cpp"))
+    if not sources:
+        raise ImportError(
+            "softmax_ext._C is not built and csrc/ is not beside the package; "
+            "run `pip install --no-build-isolation -e .` (or `make install`)"
+        )
+    from ._build_flags import cxx_flags, link_flags
+
+    print("softmax_ext: compiling the C++ extension (first use only)...", file=sys.stderr)
+    load(name="softmax_ext_C", sources=sources, extra_cflags=cxx_flags(),
+         extra_ldflags=link_flags(), is_python_module=False,
+         verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")))
+
+
+def load() -> None:
+    """Make sure the CPU kernels are registered with the dispatcher (idempotent, cheap)."""
+    global _loaded
+    if _loaded:
+        return
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        _jit_build()
+    _loaded = True

@@ -1,0 +1,112 @@
+"""autograd Functions of softmax_ext: each forward and backward calls the torch.library operators.
+
+Cross-entropy forwards save only the logits (already alive in the caller's graph), the targets and
+O(rows) statistics; never an N x C probability tensor. Reductions happen inside the Function, so the
+backward receives one scalar and hands the kernels a stride-0 per-row scale.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def _reduce(loss_rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total if reduction == "sum" else total / denom
+
+
+def _row_scale(grad: Tensor, reduction: str, rows: int, denom: Optional[Tensor], coef: float) -> Tensor:
+    """Per-row d loss / d row-loss: grad itself ('none') or a stride-0 expansion of a scalar."""
+    if reduction == "none":
+        return grad * coef
+    scalar = grad * coef if reduction == "sum" else grad * coef / denom
+    return scalar.expand(rows)
+
+
+class CrossEntropyIndex(torch.autograd.Function):
+    """Cross-entropy of (rows, C) logits against int64 class indices, reduced as asked."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                ignore_index: int, label_smoothing: float, reduction: str, kernels: Any) -> Tensor:
+        with_smooth = label_smoothing > 0.0
+        nll, smooth, lse = kernels.ce_index_fwd(logits, target, weight, ignore_index, with_smooth)
+        n_classes = logits.shape[1]
+        rows = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth \
+            if with_smooth else nll
+        denom = None
+        if reduction == "mean":
+            valid = target != ignore_index
+            if weight is None:
+                denom = valid.sum().to(nll.dtype)
+            else:
+                denom = (weight.gather(0, torch.where(valid, target, 0)) * valid).sum()
+        ctx.save_for_backward(logits, target, weight, lse, denom)
+        ctx.meta = (ignore_index, label_smoothing, reduction, kernels)
+        return _reduce(rows, reduction, denom)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        logits, target, weight, lse, denom = ctx.saved_tensors
+        ignore_index, eps, reduction, kernels = ctx.meta
+        n_rows, n_classes = logits.shape
+        with_smooth = eps > 0.0
+        g_nll = _row_scale(grad, reduction, n_rows, denom, 1.0 - eps)
+        g_smooth = _row_scale(grad, reduction, n_rows, denom, eps / n_classes) \
+            if with_smooth else g_nll
+        grad_logits = kernels.ce_index_bwd(g_nll, g_smooth, logits, target, weight, lse,
+                                           ignore_index, with_smooth)
+        return grad_logits, None, None, None, None, None, None
+
+
+class CrossEntropySoft(torch.autograd.Function):
+    """Cross-entropy of (rows, C) logits against (rows, C) class probabilities."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                label_smoothing: float, reduction: str, kernels: Any) -> Tensor:
+        loss, lse, tsum = kernels.ce_soft_fwd(logits, target, weight, label_smoothing)
+        # PyTorch divides a soft-target mean by the number of rows, weighted or not.
+        denom = logits.new_tensor(float(logits.shape[0]), dtype=loss.dtype) \
+            if reduction == "mean" else None
+        ctx.save_for_backward(logits, target, weight, lse, tsum, denom)
+        ctx.meta = (label_smoothing, reduction, kernels)
+        return _reduce(loss, reduction, denom)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        logits, target, weight, lse, tsum, denom = ctx.saved_tensors
+        eps, reduction, kernels = ctx.meta
+        g_rows = _row_scale(grad, reduction, logits.shape[0], denom, 1.0)
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = kernels.ce_soft_bwd(g_rows, logits, target, weight, lse, tsum, eps)
+        if ctx.needs_input_grad[1]:
+            # d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]): rare (distillation with a
+            # learned teacher), so plain tensor ops rather than a kernel.
+            neg_logp = lse.unsqueeze(1) - logits.to(lse.dtype)
+            if weight is not None:
+                neg_logp = neg_logp * weight
+            grad_target = (neg_logp * (g_rows.unsqueeze(1) * (1.0 - eps))).to(target.dtype)
+        return grad_logits, grad_target, None, None, None, None
+
+
+class Softmax(torch.autograd.Function):
+    """softmax or log_softmax along ``dim``; the backward uses only the forward's output."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, dim: int, log: bool, kernels: Any) -> Tensor:
+        out = kernels.softmax_fwd(input.contiguous(), dim, log)
+        ctx.save_for_backward(out)
+        ctx.meta = (dim, log, kernels)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        (out,) = ctx.saved_tensors
+        dim, log, kernels = ctx.meta
+        return kernels.softmax_bwd(grad.contiguous(), out, dim, log), None, None, None

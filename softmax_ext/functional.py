@@ -1,0 +1,230 @@
+"""Public functions: ``cross_entropy``, ``softmax`` and ``log_softmax``, with PyTorch's signatures.
+
+This layer checks arguments (raising the exceptions PyTorch raises), normalises shapes to the plain
+views the kernels take, applies the reduction with PyTorch's exact denominators, and picks the
+backend. Kernels never see user options they do not need.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import autograd as _ag
+from .ops import BACKENDS, acc_dtype, kernels_for
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_floating(input: Tensor, op: str) -> None:
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f"softmax_ext.{op}: expected floating point input (float16, bfloat16, float32 or "
+            f"float64), got {input.dtype}"
+        )
+
+
+def _index_target_checks(input: Tensor, target: Tensor) -> None:
+    """PyTorch's nll_loss_nd checks of class-index targets against the input's shape."""
+    if target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}"
+        )
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise RuntimeError(
+                "0D target tensor expected for 1D input (one sample of C classes), "
+                f"got a target of shape {list(target.shape)}"
+            )
+        return
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError(
+            "0D or 1D target tensor expected, multi-target not supported "
+            f"(input {list(input.shape)}, target {list(target.shape)})"
+        )
+    if target.dim() == 0 or input.shape[0] != target.shape[0]:
+        tb = target.shape[0] if target.dim() > 0 else "none"
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({tb})."
+        )
+    if input.dim() > 2 and target.shape[1:] != input.shape[2:]:
+        expected = [input.shape[0], *input.shape[2:]]
+        raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {
+        torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
+        torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+        torch.bfloat16: "BFloat16", torch.long: "Long", torch.uint8: "Byte",
+    }.get(dtype, str(dtype))
+
+
+def _rows_view(input: Tensor) -> Tensor:
+    """(C,), (N, C) or (N, C, d1..dk) logits as a (rows, C) view with unit class stride.
+
+    (N, C) inputs keep their row stride (a column slice of a wider tensor is not copied);
+    spatial inputs move the class dim last, which copies unless they are channels-last.
+    """
+    if input.dim() == 1:
+        return input.unsqueeze(0)
+    if input.dim() > 2:
+        input = input.movedim(1, -1).reshape(-1, input.shape[1])
+    if input.stride(1) != 1 and input.shape[1] > 1:
+        input = input.contiguous()
+    return input
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Cross-entropy between logits and class-index or class-probability targets.
+
+    Same arguments, defaults, semantics and exceptions as ``torch.nn.functional.cross_entropy``
+    (deprecated ``size_average``/``reduce`` aside). The loss is computed by fused kernels that keep
+    only the per-row log-sum-exp for the backward pass.
+
+    Args:
+        input: logits of shape (C,), (N, C) or (N, C, d1, ..., dk); floating point.
+        target: class indices (int64 or uint8) of shape (), (N,) or (N, d1, ..., dk), or class
+            probabilities of the input's shape.
+        weight: optional per-class weights of shape (C,), in the input's dtype.
+        ignore_index: a target value that contributes neither loss nor gradient (index targets).
+        reduction: "none", "mean" or "sum".
+        label_smoothing: amount of smoothing in [0, 1].
+        backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "torch".
+    """
+    _check_backend(backend)
+    if backend == "torch":
+        return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
+                               label_smoothing)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have a class dimension, got a 0-d tensor")
+    _check_floating(input, "cross_entropy")
+    if target.device != input.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found input on {input.device} "
+            f"and target on {target.device}"
+        )
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    soft = target.shape == input.shape
+    if soft:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                "Expected floating point type for target with class probabilities, got "
+                f"{_dtype_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    else:
+        _index_target_checks(input, target)
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {n_classes} classes or no "
+                f"classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {_dtype_name(input.dtype)} but found "
+                f"{_dtype_name(weight.dtype)}"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and weight on {weight.device}"
+            )
+
+    if soft:
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
+    kernels = kernels_for(backend, input.device)
+    logits = _rows_view(input)
+    w = None if weight is None else weight.to(acc_dtype(input.dtype))
+    if soft:
+        loss = _ag.CrossEntropySoft.apply(
+            logits, _rows_view(target), w, float(label_smoothing), reduction, kernels
+        )
+    else:
+        loss = _ag.CrossEntropyIndex.apply(
+            logits, target.reshape(-1).long(), w, int(ignore_index), float(label_smoothing),
+            reduction, kernels,
+        )
+    if reduction == "none":
+        loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+    return loss.to(input.dtype)
+
+
+def _softmax_dim(ndim: int) -> int:
+    warnings.warn(
+        "Implicit dimension choice for softmax has been deprecated. Change the call to include "
+        "dim=X as an argument.",
+        stacklevel=3,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_common(
+    input: Tensor, dim: Optional[int], dtype: Optional[torch.dtype], backend: str, log: bool
+) -> Tensor:
+    _check_backend(backend)
+    if dim is None:
+        dim = _softmax_dim(input.dim())
+    if backend == "torch":
+        fn = F.log_softmax if log else F.softmax
+        return fn(input, dim, dtype=dtype)
+    if dtype is not None:
+        input = input.to(dtype)
+    _check_floating(input, "log_softmax" if log else "softmax")
+    ndim = max(input.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
+            f"but got {dim})"
+        )
+    dim = dim % ndim
+    if input.dim() == 0:
+        return _ag.Softmax.apply(input.reshape(1), 0, log, kernels_for(backend, input.device)
+                                 ).reshape(())
+    return _ag.Softmax.apply(input, dim, log, kernels_for(backend, input.device))
+
+
+def softmax(
+    input: Tensor,
+    dim: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Softmax along ``dim``, as ``torch.nn.functional.softmax`` (``dtype`` casts the input first)."""
+    return _softmax_common(input, dim, dtype, backend, log=False)
+
+
+def log_softmax(
+    input: Tensor,
+    dim: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Log-softmax along ``dim``, as ``torch.nn.functional.log_softmax``."""
+    return _softmax_common(input, dim, dtype, backend, log=True)
