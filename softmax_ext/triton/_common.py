@@ -1,0 +1,135 @@
+"""Helpers shared by the Triton kernels: block-size policy, dtype helpers and launch plumbing.
+
+Every kernel works on a 2-D tile: axis 0 are independent rows (``BLOCK_R`` of them per program),
+axis 1 the classes (``BLOCK_C`` at a time). A row that fits in one class block is read once
+(single-block path); wider rows are walked block by block with an online log-sum-exp.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+#: Environment variable that caps the class block (a power of two >= 1). Tests set it to a tiny
+#: value so the multi-block (online) path runs on small shapes in the interpreter.
+BLOCK_ENV = "SOFTMAX_EXT_TRITON_BLOCK"
+#: Widest class block kept on chip; beyond it rows are processed by the online loop.
+MAX_BLOCK_C = 8192
+#: Elements per program tile when several short rows share one program.
+TILE = 4096
+#: Most rows one program handles.
+MAX_BLOCK_R = 128
+
+
+def max_block_c() -> int:
+    """The class-block cap: ``$SOFTMAX_EXT_TRITON_BLOCK`` when set, else :data:`MAX_BLOCK_C`."""
+    raw = os.environ.get(BLOCK_ENV)
+    if not raw:
+        return MAX_BLOCK_C
+    value = int(raw)
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{BLOCK_ENV} must be a power of two >= 1, got {raw!r}")
+    return value
+
+
+def tile_shape(n_rows: int, n_classes: int) -> Tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_C, SINGLE) for ``n_rows`` rows of ``n_classes`` classes.
+
+    SINGLE is true when a whole row fits in one class block, so the row is loaded only once.
+    """
+    cap = max_block_c()
+    block_c = min(triton.next_power_of_2(max(n_classes, 1)), cap)
+    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, MAX_BLOCK_R))
+    return block_r, block_c, n_classes <= block_c
+
+
+def num_warps(block_r: int, block_c: int) -> int:
+    """Warps for a tile: enough threads to keep each thread's share of the tile small."""
+    size = block_r * block_c
+    return 4 if size <= 2048 else 8 if size <= 8192 else 16
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_dtype(t: torch.Tensor, what: str) -> None:
+    """Raise TypeError unless ``t`` is one of the four supported floating dtypes."""
+    if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"softmax_ext (triton): unsupported {what} dtype {t.dtype}")
+
+
+def unit_class_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (rows, C) with stride(1) == 1, copying only when needed; rows keep their stride."""
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        return t.contiguous()
+    return t
+
+
+@contextlib.contextmanager
+def on_device(t: torch.Tensor) -> Iterator[None]:
+    """Launch context for kernels on ``t``'s device.
+
+    CUDA: make ``t``'s device current (Triton launches on the current device). CPU (the
+    interpreter, which runs kernels in NumPy): silence NumPy's floating-point warnings, which the
+    kernels trigger on purpose in discarded ``tl.where`` branches and padded lanes.
+    """
+    if t.is_cuda:
+        if t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
+    else:
+        with np.errstate(all="ignore"):
+            yield
+
+
+def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Host-side check of class indices, for CPU tensors only (the interpreter).
+
+    Raises IndexError with PyTorch's message for the first target neither in [0, C) nor equal
+    to ``ignore_index``. CUDA tensors are never checked here: that would synchronise the host.
+    """
+    if target.is_cuda or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+@triton.jit
+def upcast(x, IS_F64: tl.constexpr):
+    """``x`` in the accumulation dtype: float64 for float64 data, float32 otherwise."""
+    if IS_F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def online_lse_update(m, s, x, mask):
+    """Fold a (BLOCK_R, BLOCK_C) block ``x`` into the running row max ``m`` and sum ``s``.
+
+    ``s`` is the sum of exp(x - m) over the columns seen so far. Padded lanes (``mask`` false)
+    contribute nothing. A row that is -inf so far keeps s = 0 (the shift uses 0 instead of
+    -inf, avoiding -inf - -inf), while +inf and NaN poison ``s`` with NaN as in PyTorch.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # The old sum is 0 while m == -inf, so its scale is irrelevant; 0 avoids exp(-inf + inf).
+    alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
+    p = tl.where(mask, tl.exp(x - shift[:, None]), 0.0)
+    return m_new, s * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def finite_shift(m):
+    """The row max used as shift: 0 for an all -inf (or empty) row, so x - shift stays -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)

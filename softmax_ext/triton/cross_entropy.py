@@ -1,0 +1,201 @@
+"""Cross-entropy against class-index targets: Triton kernels beside their launchers.
+
+Logits are (rows, C) with unit class stride and any row stride; targets are int64 (rows,) with any
+stride. Each program takes BLOCK_R rows; rows wider than the class block use an online
+log-sum-exp over class blocks. Out-of-range targets: on CPU (the interpreter) the launcher raises
+IndexError like PyTorch; on CUDA the kernels never read out of bounds and never synchronise: the
+row's loss and gradient become NaN, and ``tl.device_assert`` fires when Triton's debug mode is on.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import acc_dtype, check_dtype, check_targets, finite_shift, num_warps, on_device, \
+    online_lse_update, tile_shape, unit_class_stride, upcast
+
+
+@triton.jit
+def _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index):
+    """Targets of ``rows``, whether each is ignored, in range, and a safe in-bounds index."""
+    t = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=0)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < C) & ~ignored
+    tl.device_assert(in_range | ignored | ~row_ok, "softmax_ext: target out of bounds")
+    return tl.where(in_range, t, 0), ignored, in_range
+
+
+@triton.jit
+def _ce_index_fwd_kernel(
+    x_ptr, stride_x, t_ptr, stride_t, w_ptr, nll_ptr, smooth_ptr, lse_ptr,
+    n_rows, C, ignore_index,
+    HAS_WEIGHT: tl.constexpr, WITH_SMOOTH: tl.constexpr, IS_F64: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows * stride_x
+    t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
+    x_t = upcast(tl.load(x_rows + t, mask=row_ok & in_range, other=0.0), IS_F64)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
+    else:
+        w_t = 1.0
+    cols = tl.arange(0, BLOCK_C)
+    m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
+    s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    smooth = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    if SINGLE:
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        x = upcast(tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")), IS_F64)
+        m, s = online_lse_update(m, s, x, mask)
+        shift = finite_shift(m)
+        log_s = tl.log(s)
+        if WITH_SMOOTH:
+            # Literal w * (lse - x): a weight-0 -inf logit gives NaN, as in PyTorch.
+            term = (shift[:, None] - x) + log_s[:, None]
+            if HAS_WEIGHT:
+                term = tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :] * term
+            smooth = tl.sum(tl.where(mask, term, 0.0), axis=1)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = row_ok[:, None] & (c[None, :] < C)
+            x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")),
+                       IS_F64)
+            m, s = online_lse_update(m, s, x, mask)
+        shift = finite_shift(m)
+        log_s = tl.log(s)
+        if WITH_SMOOTH:
+            # A second pass needs the final lse; summing w * x in the first pass instead would
+            # cancel catastrophically for large logits.
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + cols
+                mask = row_ok[:, None] & (c[None, :] < C)
+                x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+                term = (shift[:, None] - x) + log_s[:, None]
+                if HAS_WEIGHT:
+                    term = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * term
+                smooth += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    nll = w_t * ((shift - x_t) + log_s)
+    nll = tl.where(ignored, 0.0, tl.where(in_range, nll, float("nan")))
+    smooth = tl.where(ignored, 0.0, smooth)
+    tl.store(nll_ptr + rows, nll, mask=row_ok)
+    tl.store(smooth_ptr + rows, smooth, mask=row_ok)
+    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+
+
+@triton.jit
+def _ce_index_bwd_kernel(
+    gn_ptr, stride_gn, gs_ptr, stride_gs, x_ptr, stride_x, t_ptr, stride_t, w_ptr, wsum_ptr,
+    lse_ptr, stride_lse, gx_ptr, n_rows, C, ignore_index,
+    HAS_WEIGHT: tl.constexpr, WITH_SMOOTH: tl.constexpr, IS_F64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows * stride_x
+    gx_rows = gx_ptr + rows * C
+    t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
+    lse = upcast(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
+    scale = upcast(tl.load(gn_ptr + rows * stride_gn, mask=row_ok, other=0.0), IS_F64)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
+    if WITH_SMOOTH:
+        g_smooth = upcast(tl.load(gs_ptr + rows * stride_gs, mask=row_ok, other=0.0), IS_F64)
+        if HAS_WEIGHT:
+            w_total = upcast(tl.load(wsum_ptr), IS_F64)
+        else:
+            w_total = upcast(tl.zeros([1], tl.float64) + C, IS_F64)
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_ok[:, None] & (c[None, :] < C)
+        x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
+        p = tl.exp(x - lse[:, None])
+        # p - onehot stays in the accumulation dtype until the final store.
+        grad = scale[:, None] * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
+        if WITH_SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :]
+            else:
+                w = 1.0
+            grad += g_smooth[:, None] * (w_total * p - w)
+        grad = tl.where(ignored[:, None], 0.0, tl.where(in_range[:, None], grad, float("nan")))
+        tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_weight(weight: Optional[Tensor], logits: Tensor) -> None:
+    if weight is not None and (weight.dtype != acc_dtype(logits.dtype) or weight.dim() != 1
+                               or weight.shape[0] != logits.shape[1]):
+        raise ValueError(
+            f"softmax_ext (triton): weight must be ({logits.shape[1]},) "
+            f"{acc_dtype(logits.dtype)}, got {tuple(weight.shape)} {weight.dtype}"
+        )
+
+
+def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                 with_smooth: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row (nll, smooth, lse) of (rows, C) ``logits`` against int64 ``target``.
+
+    nll = w[t] * (lse - x[t]); smooth = sum_c w[c] * (lse - x[c]) (zeros unless ``with_smooth``);
+    rows whose target is ``ignore_index`` get nll = smooth = 0. Outputs are in the accumulation
+    dtype (float64 for float64 logits, float32 otherwise).
+    """
+    check_dtype(logits, "logits")
+    _check_weight(weight, logits)
+    logits = unit_class_stride(logits)
+    n_rows, n_classes = logits.shape
+    check_targets(target, n_classes, ignore_index)
+    acc = acc_dtype(logits.dtype)
+    nll, smooth, lse = (logits.new_empty((n_rows,), dtype=acc) for _ in range(3))
+    if n_rows == 0:
+        return nll, smooth, lse
+    block_r, block_c, single = tile_shape(n_rows, n_classes)
+    with on_device(logits):
+        _ce_index_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+            logits, logits.stride(0), target, target.stride(0),
+            logits if weight is None else weight, nll, smooth, lse,
+            n_rows, n_classes, ignore_index,
+            HAS_WEIGHT=weight is not None, WITH_SMOOTH=bool(with_smooth),
+            IS_F64=acc == torch.float64, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=num_warps(block_r, block_c),
+        )
+    return nll, smooth, lse
+
+
+def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: Tensor,
+                 weight: Optional[Tensor], lse: Tensor, ignore_index: int,
+                 with_smooth: bool) -> Tensor:
+    """d/dlogits of sum_i grad_nll[i] * nll[i] + grad_smooth[i] * smooth[i].
+
+    grad = gn * w[t] * (p - onehot(t)) + gs * (W * p - w) (the last term only with
+    ``with_smooth``), p = exp(x - lse), W = sum(w); ignored rows get exactly 0. ``grad_nll`` and
+    ``grad_smooth`` may be stride-0 expansions of a scalar. Returns contiguous (rows, C) in the
+    logits' dtype.
+    """
+    check_dtype(logits, "logits")
+    _check_weight(weight, logits)
+    logits = unit_class_stride(logits)
+    n_rows, n_classes = logits.shape
+    check_targets(target, n_classes, ignore_index)
+    grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
+    if grad.numel() == 0:
+        return grad
+    with_smooth = bool(with_smooth)
+    # sum(w) as a device tensor: no host synchronisation.
+    wsum = weight.sum() if (weight is not None and with_smooth) else lse
+    block_r, block_c, _ = tile_shape(n_rows, n_classes)
+    with on_device(logits):
+        _ce_index_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
+            grad_nll, grad_nll.stride(0), grad_smooth, grad_smooth.stride(0),
+            logits, logits.stride(0), target, target.stride(0),
+            logits if weight is None else weight, wsum, lse, lse.stride(0), grad,
+            n_rows, n_classes, ignore_index,
+            HAS_WEIGHT=weight is not None, WITH_SMOOTH=with_smooth,
+            IS_F64=logits.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=num_warps(block_r, block_c),
+        )
+    return grad

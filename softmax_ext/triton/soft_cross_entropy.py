@@ -1,0 +1,169 @@
+"""Cross-entropy against class-probability (soft) targets: Triton kernels beside their launchers.
+
+Logits and targets are (rows, C) with unit class stride and any row stride, in the same dtype.
+With smoothing eps the kernels use q = (1 - eps) * target + eps / C without materialising it.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import acc_dtype, check_dtype, finite_shift, num_warps, on_device, \
+    online_lse_update, tile_shape, unit_class_stride, upcast
+from .cross_entropy import _check_weight
+
+
+@triton.jit
+def _smoothing(eps, C, IS_F64: tl.constexpr):
+    """(1 - eps, eps / C) in the accumulation dtype, from a float64 ``eps``."""
+    eps64 = tl.zeros([1], tl.float64) + eps
+    return upcast(1.0 - eps64, IS_F64), upcast(eps64 / C, IS_F64)
+
+
+@triton.jit
+def _ce_soft_fwd_kernel(
+    x_ptr, stride_x, q_ptr, stride_q, w_ptr, loss_ptr, lse_ptr, tsum_ptr,
+    n_rows, C, eps: tl.float64,
+    HAS_WEIGHT: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows * stride_x
+    q_rows = q_ptr + rows * stride_q
+    keep, spread = _smoothing(eps, C, IS_F64)
+    cols = tl.arange(0, BLOCK_C)
+    m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
+    s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    tsum = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    loss = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    if SINGLE:
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        x = upcast(tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")), IS_F64)
+        wq = upcast(tl.load(q_rows[:, None] + cols[None, :], mask=mask, other=0.0), IS_F64)
+        wq = wq * keep + spread
+        if HAS_WEIGHT:
+            wq = tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :] * wq
+        m, s = online_lse_update(m, s, x, mask)
+        shift = finite_shift(m)
+        log_s = tl.log(s)
+        # Literal w * q * (lse - x): a zero target on a -inf logit gives NaN, as in PyTorch.
+        loss = tl.sum(tl.where(mask, wq * ((shift[:, None] - x) + log_s[:, None]), 0.0), axis=1)
+        tsum = tl.sum(tl.where(mask, wq, 0.0), axis=1)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = row_ok[:, None] & (c[None, :] < C)
+            x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")),
+                       IS_F64)
+            m, s = online_lse_update(m, s, x, mask)
+        shift = finite_shift(m)
+        log_s = tl.log(s)
+        # Second pass with the final lse (see cross_entropy.py for why not one pass).
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = row_ok[:, None] & (c[None, :] < C)
+            x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+            wq = upcast(tl.load(q_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+            wq = wq * keep + spread
+            if HAS_WEIGHT:
+                wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
+            loss += tl.sum(tl.where(mask, wq * ((shift[:, None] - x) + log_s[:, None]), 0.0),
+                           axis=1)
+            tsum += tl.sum(tl.where(mask, wq, 0.0), axis=1)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+    tl.store(tsum_ptr + rows, tsum, mask=row_ok)
+
+
+@triton.jit
+def _ce_soft_bwd_kernel(
+    g_ptr, stride_g, x_ptr, stride_x, q_ptr, stride_q, w_ptr, lse_ptr, stride_lse,
+    tsum_ptr, stride_tsum, gx_ptr, n_rows, C, eps: tl.float64,
+    HAS_WEIGHT: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    x_rows = x_ptr + rows * stride_x
+    q_rows = q_ptr + rows * stride_q
+    gx_rows = gx_ptr + rows * C
+    keep, spread = _smoothing(eps, C, IS_F64)
+    g = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
+    lse = upcast(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
+    tsum = upcast(tl.load(tsum_ptr + rows * stride_tsum, mask=row_ok, other=0.0), IS_F64)
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_ok[:, None] & (c[None, :] < C)
+        x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
+        wq = upcast(tl.load(q_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+        wq = wq * keep + spread
+        if HAS_WEIGHT:
+            wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
+        grad = g[:, None] * (tsum[:, None] * tl.exp(x - lse[:, None]) - wq)
+        tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_target(target: Tensor, logits: Tensor) -> None:
+    if target.shape != logits.shape or target.dtype != logits.dtype:
+        raise ValueError(
+            f"softmax_ext (triton): soft target must match logits {tuple(logits.shape)} "
+            f"{logits.dtype}, got {tuple(target.shape)} {target.dtype}"
+        )
+
+
+def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, tsum) of (rows, C) ``logits`` against (rows, C) probabilities.
+
+    q = (1 - eps) * target + eps / C; loss = sum_c w[c] q[c] (lse - x[c]); tsum = sum_c w[c] q[c].
+    Outputs are in the accumulation dtype.
+    """
+    check_dtype(logits, "logits")
+    _check_target(target, logits)
+    _check_weight(weight, logits)
+    logits, target = unit_class_stride(logits), unit_class_stride(target)
+    n_rows, n_classes = logits.shape
+    acc = acc_dtype(logits.dtype)
+    loss, lse, tsum = (logits.new_empty((n_rows,), dtype=acc) for _ in range(3))
+    if n_rows == 0:
+        return loss, lse, tsum
+    block_r, block_c, single = tile_shape(n_rows, n_classes)
+    with on_device(logits):
+        _ce_soft_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+            logits, logits.stride(0), target, target.stride(0),
+            logits if weight is None else weight, loss, lse, tsum,
+            n_rows, n_classes, float(label_smoothing),
+            HAS_WEIGHT=weight is not None, IS_F64=acc == torch.float64, SINGLE=single,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+        )
+    return loss, lse, tsum
+
+
+def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                lse: Tensor, tsum: Tensor, label_smoothing: float) -> Tensor:
+    """d/dlogits of sum_i grad_loss[i] * loss[i]: g * (tsum * p - w * q), p = exp(x - lse).
+
+    ``grad_loss`` may be a stride-0 expansion of a scalar. Returns contiguous (rows, C) in the
+    logits' dtype.
+    """
+    check_dtype(logits, "logits")
+    _check_target(target, logits)
+    _check_weight(weight, logits)
+    logits, target = unit_class_stride(logits), unit_class_stride(target)
+    n_rows, n_classes = logits.shape
+    grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
+    if grad.numel() == 0:
+        return grad
+    block_r, block_c, _ = tile_shape(n_rows, n_classes)
+    with on_device(logits):
+        _ce_soft_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
+            grad_loss, grad_loss.stride(0), logits, logits.stride(0), target, target.stride(0),
+            logits if weight is None else weight, lse, lse.stride(0), tsum, tsum.stride(0), grad,
+            n_rows, n_classes, float(label_smoothing),
+            HAS_WEIGHT=weight is not None, IS_F64=logits.dtype == torch.float64,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+        )
+    return grad

@@ -1,0 +1,166 @@
+"""softmax / log_softmax forward and backward: Triton kernels beside their launchers.
+
+The input is viewed as (outer, C, inner). A "lane" is one (outer, inner) pair, i.e. one softmax
+vector whose C elements sit ``inner`` apart; lane l starts at (l // inner) * C * inner + l % inner.
+For the common last-dim case inner == 1 (Triton specialises it), lanes are contiguous rows and a
+program takes several of them when C is small.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import check_dtype, finite_shift, num_warps, on_device, online_lse_update, \
+    tile_shape, upcast
+
+
+@triton.jit
+def _lane_offsets(pid, n_lanes, inner, lane_stride, BLOCK_R: tl.constexpr):
+    lanes = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return (lanes // inner) * lane_stride + lanes % inner, lanes < n_lanes
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    x_ptr, y_ptr, n_lanes, C, inner, lane_stride,
+    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
+    s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+    if SINGLE:
+        mask = lane_ok[:, None] & (cols[None, :] < C)
+        offs = base[:, None] + cols[None, :].to(tl.int64) * inner
+        x = upcast(tl.load(x_ptr + offs, mask=mask, other=float("-inf")), IS_F64)
+        m, s = online_lse_update(m, s, x, mask)
+        z = x - finite_shift(m)[:, None]
+        if LOG:
+            y = z - tl.log(s)[:, None]
+        else:
+            y = tl.exp(z) / s[:, None]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = lane_ok[:, None] & (c[None, :] < C)
+            offs = base[:, None] + c[None, :].to(tl.int64) * inner
+            x = upcast(tl.load(x_ptr + offs, mask=mask, other=float("-inf")), IS_F64)
+            m, s = online_lse_update(m, s, x, mask)
+        shift = finite_shift(m)
+        log_s = tl.log(s)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = lane_ok[:, None] & (c[None, :] < C)
+            offs = base[:, None] + c[None, :].to(tl.int64) * inner
+            x = upcast(tl.load(x_ptr + offs, mask=mask, other=float("-inf")), IS_F64)
+            z = x - shift[:, None]
+            if LOG:
+                y = z - log_s[:, None]
+            else:
+                y = tl.exp(z) / s[:, None]
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_terms(g, y, LOG: tl.constexpr):
+    # The per-lane reduction the gradient needs: sum(g) for log_softmax, sum(g * y) for softmax.
+    if LOG:
+        return tl.sum(g, axis=1)
+    else:
+        return tl.sum(g * y, axis=1)
+
+
+@triton.jit
+def _softmax_bwd_grad(g, y, r, LOG: tl.constexpr):
+    if LOG:
+        return g - tl.exp(y) * r[:, None]
+    else:
+        return y * (g - r[:, None])
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    g_ptr, y_ptr, gi_ptr, n_lanes, C, inner, lane_stride,
+    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        mask = lane_ok[:, None] & (cols[None, :] < C)
+        offs = base[:, None] + cols[None, :].to(tl.int64) * inner
+        g = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), IS_F64)
+        y = upcast(tl.load(y_ptr + offs, mask=mask, other=0.0), IS_F64)
+        r = _softmax_bwd_terms(g, y, LOG)
+        gi = _softmax_bwd_grad(g, y, r, LOG)
+        tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
+    else:
+        r = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = lane_ok[:, None] & (c[None, :] < C)
+            offs = base[:, None] + c[None, :].to(tl.int64) * inner
+            g = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), IS_F64)
+            y = upcast(tl.load(y_ptr + offs, mask=mask, other=0.0), IS_F64)
+            r += _softmax_bwd_terms(g, y, LOG)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            mask = lane_ok[:, None] & (c[None, :] < C)
+            offs = base[:, None] + c[None, :].to(tl.int64) * inner
+            g = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), IS_F64)
+            y = upcast(tl.load(y_ptr + offs, mask=mask, other=0.0), IS_F64)
+            gi = _softmax_bwd_grad(g, y, r, LOG)
+            tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
+
+
+def _geometry(t: Tensor, dim: int):
+    """(n_lanes, C, inner) of a contiguous tensor viewed as (outer, C, inner) around ``dim``."""
+    if t.dim() == 0:
+        return 1, 1, 1
+    n_classes = t.shape[dim]
+    inner = math.prod(t.shape[dim + 1:])
+    outer = math.prod(t.shape[:dim])
+    return outer * inner, n_classes, inner
+
+
+def _launch(kernel, tensors, out: Tensor, dim: int, log: bool) -> Tensor:
+    n_lanes, n_classes, inner = _geometry(out, dim)
+    if out.numel() == 0:
+        return out
+    block_r, block_c, single = tile_shape(n_lanes, n_classes)
+    grid = (triton.cdiv(n_lanes, block_r),)
+    with on_device(out):
+        kernel[grid](
+            *tensors, out, n_lanes, n_classes, inner, n_classes * inner,
+            LOG=log, IS_F64=out.dtype == torch.float64, SINGLE=single,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+        )
+    return out
+
+
+def softmax_fwd(input: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax (``log`` False) or log_softmax (``log`` True) of ``input`` along ``dim``.
+
+    ``input`` may have any rank; ``dim`` is non-negative. Returns a contiguous tensor in the
+    input's dtype; half types are computed in float32.
+    """
+    check_dtype(input, "input")
+    x = input.contiguous()
+    return _launch(_softmax_fwd_kernel, (x,), torch.empty_like(x), dim, log)
+
+
+def softmax_bwd(grad_output: Tensor, output: Tensor, dim: int, log: bool) -> Tensor:
+    """Gradient of softmax/log_softmax from the forward's ``output`` and ``grad_output``.
+
+    softmax: ``y * (g - sum(g * y))``; log_softmax: ``g - exp(y) * sum(g)`` (sums along ``dim``).
+    """
+    check_dtype(output, "output")
+    y = output.contiguous()
+    g = grad_output.to(y.dtype).contiguous()
+    return _launch(_softmax_bwd_kernel, (g, y), torch.empty_like(y), dim, log)
