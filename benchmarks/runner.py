@@ -1,0 +1,209 @@
+"""The sweep: for every shape, dtype and op, time every implementation in every direction.
+
+Implementations of one (op, shape, dtype, direction) are timed in interleaved rounds in the same
+process, right after one another, so their ratios are fair; the copy floor is measured in the
+same run. A failure of one implementation (out of memory, an unsupported dtype) is recorded in
+``errors`` and the others go on.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import bandwidth, memory, peers
+from .config import DTYPES, Config
+from .device import machine_info
+from .timing import Calibration, calibrate, interleaved, make_timer, summarize
+from .workloads import Inputs, make_inputs, make_step, private_copy
+
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _err_text(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def impl_key(name: str) -> str:
+    """'torch.compile' -> 'torch_compile' (for field names such as speedup_vs_torch_compile)."""
+    return name.replace(".", "_")
+
+
+def choose_reps(cfg: Config, cals: Dict[str, Calibration], direction: str) -> int:
+    """cfg.reps, fewer (not below cfg.min_reps) when one round would overrun the group budget."""
+    per_round = sum(c.inner * c.call_s for c in cals.values())
+    if direction == "bwd":
+        per_round *= 2  # the untimed forward before each backward costs about as much
+    if per_round <= 0:
+        return cfg.reps
+    return max(cfg.min_reps, min(cfg.reps, int(cfg.group_budget_s // per_round)))
+
+
+class Sweep:
+    """One run: holds the machine description, records and errors as they accumulate."""
+
+    def __init__(self, cfg: Config, log: Log = _log) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.timer = make_timer(cfg.device)
+        self.records: List[dict] = []
+        self.errors: List[dict] = []
+        self.impls, self.skipped = peers.available(cfg.device, cfg.impls,
+                                                   cfg.extra.get("ext_backend"))
+        for name, why in self.skipped.items():
+            log(f"skipping {name}: {why}")
+
+    def error(self, where: dict, impl: str, err: BaseException) -> None:
+        """Record a failed measurement and say so."""
+        self.errors.append({**where, "impl": impl, "error": _err_text(err)})
+        self.log(f"  ! {impl} failed at {where}: {_err_text(err)}")
+        if self.cfg.extra.get("verbose"):
+            traceback.print_exception(err)
+
+    def run(self) -> dict:
+        """Measure everything the config selects; return the results document."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        machine = machine_info(cfg.device)
+        machine["timer"] = self.timer.kind
+        self.log(f"device: {machine['device']}, {machine['threads']} threads, torch "
+                 f"{machine['torch']}")
+        copy = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)
+        machine.update(copy)
+        self.log(f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write)")
+        for rows, classes in cfg.shapes:
+            for dtype_name in cfg.dtypes:
+                for op in cfg.ops:
+                    self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
+        machine["copy_gbps_end"] = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)["copy_gbps"]
+        add_speedups(self.records)
+        return {
+            "machine": machine,
+            "config": {"ops": list(cfg.ops), "directions": list(cfg.directions),
+                       "impls": list(cfg.impls), "dtypes": list(cfg.dtypes),
+                       "shapes": [list(s) for s in cfg.shapes], "reps": cfg.reps,
+                       "group_budget_s": cfg.group_budget_s, "rep_target_s": cfg.rep_target_s,
+                       "suite": cfg.suite},
+            "records": self.records,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "elapsed_s": round(time.perf_counter() - t_start, 1),
+        }
+
+    def measure_op(self, op: str, rows: int, classes: int, dtype_name: str,
+                   copy_gbps: float) -> None:
+        """All directions of ``op`` at one shape and dtype."""
+        cfg, device = self.cfg, self.cfg.device
+        dtype = DTYPES[dtype_name]
+        where = {"op": op, "rows": rows, "classes": classes, "dtype": dtype_name}
+        impls = [i for i in self.impls if op in i.ops]
+        if not impls:
+            return
+        try:
+            inputs = make_inputs(op, rows, classes, dtype, device, cfg.seed)
+        except Exception as err:  # e.g. the shape does not fit in memory
+            self.error({**where, "direction": "*"}, "*", err)
+            _free(device)
+            return
+        peers.fresh_compile_cache()
+        fns, own = {}, {}
+        for impl in impls:
+            try:
+                fns[impl.name] = impl.make(op)
+                own[impl.name] = private_copy(inputs) if impl.writes_input else inputs
+            except Exception as err:
+                self.error({**where, "direction": "*"}, impl.name, err)
+        for direction in cfg.directions:
+            self.measure_direction(where, direction, impls, fns, own, copy_gbps, dtype)
+            _free(device)
+        del inputs, fns, own
+        _free(device)
+
+    def measure_direction(self, where: dict, direction: str, impls: list, fns: dict,
+                          own: Dict[str, Inputs], copy_gbps: float, dtype: torch.dtype) -> None:
+        """Warm up, calibrate and time every implementation of one direction, interleaved."""
+        cfg = self.cfg
+        where = {**where, "direction": direction}
+        steps, cals = {}, {}
+        for impl in impls:
+            if impl.name not in fns:
+                continue
+            try:
+                steps[impl.name] = make_step(fns[impl.name], own[impl.name], direction)
+                cals[impl.name] = calibrate(steps[impl.name], self.timer, cfg.warmup_s,
+                                            cfg.rep_target_s)
+            except Exception as err:
+                steps.pop(impl.name, None)
+                self.error(where, impl.name, err)
+                _free(cfg.device)
+        if not steps:
+            return
+        reps = choose_reps(cfg, cals, direction)
+        samples = interleaved(steps, {n: c.inner for n, c in cals.items()}, self.timer, reps,
+                              on_error=lambda name, err: self.error(where, name, err))
+        del steps
+        _free(cfg.device)
+        nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"],
+                                     dtype)
+        line = []
+        for impl in impls:
+            if impl.name not in samples or not samples[impl.name]:
+                continue
+            stats = summarize(samples[impl.name])
+            gbps, frac = bandwidth.achieved(nbytes, stats["median_ms"] / 1e3, copy_gbps)
+            rec = {**where, "impl": impl.name, "backend": impl.backend, **stats,
+                   "reps": len(samples[impl.name]), "inner": cals[impl.name].inner,
+                   "first_call_ms": cals[impl.name].first_call_s * 1e3, "bytes": nbytes,
+                   "gbps": gbps, "frac_of_copy": frac, "peak_mem_bytes": None}
+            if direction == "fwd+bwd" and cfg.memory:
+                try:
+                    rec.update(memory.measure(fns[impl.name], own[impl.name], cfg.device))
+                except Exception as err:
+                    self.error({**where, "what": "memory"}, impl.name, err)
+                _free(cfg.device)
+            self.records.append(rec)
+            line.append(f"{impl.name} {stats['median_ms']:.3f} ms")
+        self.log(f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
+                 f"{direction} (x{reps}): " + " | ".join(line))
+
+
+def add_speedups(records: List[dict]) -> None:
+    """speedup_vs_<peer> = peer's median / this record's median, for every peer timed with it."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in records:
+        groups.setdefault((r["op"], r["direction"], r["rows"], r["classes"], r["dtype"]),
+                          []).append(r)
+    for group in groups.values():
+        for r in group:
+            for other in group:
+                if other is not r and r["median_ms"] > 0:
+                    r[f"speedup_vs_{impl_key(other['impl'])}"] = other["median_ms"] / r["median_ms"]
+
+
+def find(records: List[dict], **match) -> Optional[dict]:
+    """The first record whose fields equal ``match`` (None when there is none)."""
+    for r in records:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def nan_to_none(x: float) -> Optional[float]:
+    """JSON has no NaN: None instead."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

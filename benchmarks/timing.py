@@ -1,0 +1,147 @@
+"""Timing: a CPU and a CUDA timer, warm-up with loop-count calibration, interleaved repetitions.
+
+A :class:`Step` is the work of one implementation for one measurement: ``run`` is timed,
+``prepare`` (when given) runs untimed before every timed call, e.g. the forward pass that a
+backward-only measurement needs afresh each time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Step:
+    """Timed work (``run``) and optional untimed set-up before each call (``prepare``)."""
+
+    run: Callable[[], Any]
+    prepare: Optional[Callable[[], Any]] = None
+
+
+class CpuTimer:
+    """Wall-clock timing with time.perf_counter; CPU kernels are synchronous."""
+
+    kind = "perf_counter"
+
+    def sync(self) -> None:
+        """Nothing to wait for on the CPU."""
+
+    def measure(self, step: Step, inner: int) -> float:
+        """Seconds per call of ``step.run``, averaged over ``inner`` back-to-back calls."""
+        if step.prepare is None:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step.run()
+            return (time.perf_counter() - t0) / inner
+        total = 0.0
+        for _ in range(inner):
+            step.prepare()
+            t0 = time.perf_counter()
+            step.run()
+            total += time.perf_counter() - t0
+        return total / inner
+
+
+class CudaTimer:
+    """GPU time between CUDA events recorded on the current stream around the timed calls."""
+
+    kind = "cuda_events"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        """Wait for all queued GPU work."""
+        torch.cuda.synchronize(self.device)
+
+    def measure(self, step: Step, inner: int) -> float:
+        """Seconds per call of ``step.run``; with ``prepare``, only the events around ``run``."""
+        self.sync()
+        if step.prepare is None:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                step.run()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        pairs = []
+        for _ in range(inner):
+            step.prepare()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step.run()
+            end.record()
+            pairs.append((start, end))
+        self.sync()
+        return sum(s.elapsed_time(e) for s, e in pairs) / 1e3 / inner
+
+
+def make_timer(device: torch.device):
+    """The timer for ``device``."""
+    return CudaTimer(device) if device.type == "cuda" else CpuTimer()
+
+
+@dataclass
+class Calibration:
+    """What warm-up learned: the first call's time (compilation included), a per-call estimate,
+    and how many calls one timed repetition should loop."""
+
+    first_call_s: float
+    call_s: float
+    inner: int
+
+
+def calibrate(step: Step, timer, warmup_s: float, rep_target_s: float,
+              max_inner: int = 10000) -> Calibration:
+    """Warm ``step`` up (first call separately: it may compile) and choose its loop count."""
+    t0 = time.perf_counter()
+    if step.prepare is not None:
+        step.prepare()
+    step.run()
+    timer.sync()
+    first = time.perf_counter() - t0
+    samples: List[float] = []
+    start = time.perf_counter()
+    while len(samples) < 3 or (time.perf_counter() - start < warmup_s and len(samples) < 200):
+        samples.append(timer.measure(step, 1))
+    call_s = max(statistics.median(samples[len(samples) // 2:]), 1e-9)
+    inner = int(min(max_inner, max(1, round(rep_target_s / call_s))))
+    return Calibration(first, call_s, inner)
+
+
+def interleaved(steps: Dict[str, Step], inner: Dict[str, int], timer, reps: int,
+                on_error: Optional[Callable[[str, BaseException], None]] = None
+                ) -> Dict[str, List[float]]:
+    """Time every step ``reps`` times, round-robin, rotating the order each round.
+
+    Interleaving spreads slow drifts of the machine (clocks, a neighbour's load) over all
+    implementations alike instead of penalising whichever happens to run last. A step that
+    raises is reported to ``on_error`` (re-raised without one) and leaves the rotation.
+    """
+    names = list(steps)
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            try:
+                samples[name].append(timer.measure(steps[name], inner[name]))
+            except Exception as err:  # e.g. out of memory: drop this implementation, keep going
+                if on_error is None:
+                    raise
+                on_error(name, err)
+                names.remove(name)
+                samples.pop(name)
+    return samples
+
+
+def summarize(seconds: Sequence[float]) -> dict:
+    """median / min / max in milliseconds."""
+    return {"median_ms": statistics.median(seconds) * 1e3, "min_ms": min(seconds) * 1e3,
+            "max_ms": max(seconds) * 1e3}
