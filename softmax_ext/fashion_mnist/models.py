@@ -1,0 +1,86 @@
+"""The models of "Dive into Deep Learning" chapters 3 and 4, for 28x28 images and 10 classes.
+
+* ``softmax``: nn.Flatten + nn.Linear(784, 10), the concise softmax regression (3.7);
+* ``scratch``: explicit W and b, the softmax regression from scratch (3.6);
+* ``mlp``: a ReLU multilayer perceptron (4.3), 784-256-10 by default.
+
+All start from the chapters' initialisation: weights from N(0, 0.01^2), biases zero.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as SF
+
+NUM_INPUTS, NUM_OUTPUTS = 28 * 28, 10
+MODELS = ("softmax", "scratch", "mlp")
+
+
+def init_weights(module: nn.Module) -> None:
+    """The chapters' ``init_weights``: normal weights with std 0.01 (and zero biases)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.01)
+        nn.init.zeros_(module.bias)
+
+
+class SoftmaxRegressionScratch(nn.Module):
+    """Softmax regression from scratch: O = X W + b, probabilities softmax(O).
+
+    ``forward`` returns the logits O; the loss takes their log-softmax (the chapter's
+    -log(softmax(O)[y]) without its overflow) and :meth:`probabilities` gives softmax(O).
+    """
+
+    def __init__(self, num_inputs: int = NUM_INPUTS, num_outputs: int = NUM_OUTPUTS,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.normal(0.0, 0.01, size=(num_inputs, num_outputs)))
+        self.b = nn.Parameter(torch.zeros(num_outputs))
+        self.backend = backend
+
+    def forward(self, X: Tensor) -> Tensor:
+        return torch.matmul(X.reshape((-1, self.W.shape[0])), self.W) + self.b
+
+    def probabilities(self, X: Tensor) -> Tensor:
+        """softmax(X W + b) by softmax_ext's kernel (torch's for backend="torch")."""
+        return SF.softmax(self(X), dim=1, backend=self.backend)
+
+
+def parse_hidden(spec: str) -> tuple:
+    """'256' -> (256,), '200,200' -> (200, 200)."""
+    try:
+        sizes = tuple(int(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"hidden sizes must be positive integers like 256 or 200,200, got {spec!r}")
+    return sizes
+
+
+def build_model(name: str, hidden: Sequence[int] = (256,), backend: str = "auto") -> nn.Module:
+    """A freshly initialised model by name (see the module docstring); seed torch first."""
+    if name == "softmax":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(NUM_INPUTS, NUM_OUTPUTS))
+    elif name == "scratch":
+        return SoftmaxRegressionScratch(backend=backend)
+    elif name == "mlp":
+        layers: list = [nn.Flatten()]
+        width = NUM_INPUTS
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        net = nn.Sequential(*layers, nn.Linear(width, NUM_OUTPUTS))
+    else:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    net.apply(init_weights)
+    return net
+
+
+def predict_probabilities(model: nn.Module, X: Tensor, backend: str = "auto") -> Tensor:
+    """Class probabilities for a batch: softmax_ext.softmax of the model's logits."""
+    if isinstance(model, SoftmaxRegressionScratch):
+        return model.probabilities(X)
+    return SF.softmax(model(X), dim=1, backend=backend)
+

@@ -1,0 +1,229 @@
+"""``softmax-ext-train`` / ``python -m softmax_ext.train``: chapter 3's softmax regression on
+Fashion-MNIST, trained with softmax_ext's fused cross-entropy.
+
+The defaults are the chapter's recipe (softmax regression, SGD with lr 0.1, batch size 256,
+10 epochs). Outputs go to ``--out``: metrics.json, curves.png, predictions.png, confusion.png and
+checkpoint.pt (written atomically after every epoch and on Ctrl-C; ``--resume`` continues it).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import CLASS_NAMES, DataError, load
+from .losses import LOSSES, build_loss
+from .loop import Progress, Trainer, predict
+from .models import MODELS, build_model, parse_hidden, predict_probabilities
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
+DEFAULT_EPOCHS = 10
+# What --resume takes from the checkpoint rather than from the command line.
+RUN_DEFINING = ("model", "hidden", "loss", "backend", "batch_size", "lr", "optimizer",
+                "label_smoothing", "seed")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line; defaults are the chapter's recipe."""
+    ap = argparse.ArgumentParser(
+        prog="softmax-ext-train",
+        description="Softmax regression (d2l chapter 3) on Fashion-MNIST with softmax_ext's fused "
+                    "cross-entropy loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default="softmax",
+                    help="softmax: Flatten+Linear(784, 10); scratch: explicit W, b; mlp: ReLU MLP")
+    ap.add_argument("--hidden", default="256", help="MLP hidden sizes, e.g. 256 or 200,200")
+    ap.add_argument("--loss", choices=LOSSES, default="fused",
+                    help="fused: softmax_ext.CrossEntropyLoss; torch: torch.nn.CrossEntropyLoss")
+    ap.add_argument("--backend", choices=("auto", "cpp", "triton", "torch"), default="auto",
+                    help="softmax_ext backend of the fused loss (auto: C++ on CPU, Triton on CUDA)")
+    ap.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=None, help="default 0.1 for sgd, 0.001 for adam")
+    ap.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when present, else CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice)")
+    ap.add_argument("--data-dir", default="data",
+                    help="where to look for Fashion-MNIST first, and where to prepare/download it")
+    ap.add_argument("--out", default="runs/fashion_mnist", help="output folder")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run saved in --out/checkpoint.pt")
+    args = ap.parse_args(argv)
+    if args.epochs is not None and args.epochs < 0:
+        ap.error("--epochs must be >= 0")
+    if args.batch_size <= 0:
+        ap.error("--batch-size must be positive")
+    if not 0.0 <= args.label_smoothing <= 1.0:
+        ap.error("--label-smoothing must be in [0, 1]")
+    try:
+        parse_hidden(args.hidden)
+    except ValueError as err:
+        ap.error(str(err))
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def make_config(args: argparse.Namespace, device: torch.device) -> dict:
+    """The run's configuration as recorded in metrics.json and the checkpoint."""
+    return {
+        "model": args.model, "hidden": list(parse_hidden(args.hidden)) if args.model == "mlp"
+        else None, "loss": args.loss, "backend": args.backend,
+        "epochs": DEFAULT_EPOCHS if args.epochs is None else args.epochs,
+        "batch_size": args.batch_size,
+        "lr": DEFAULT_LR[args.optimizer] if args.lr is None else args.lr,
+        "optimizer": args.optimizer, "label_smoothing": args.label_smoothing, "seed": args.seed,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def build(config: dict, device: torch.device) -> tuple:
+    """Seeded model, loss and optimizer for ``config``."""
+    torch.manual_seed(config["seed"])
+    backend = config["backend"] if config["loss"] == "fused" else "torch"
+    model = build_model(config["model"], tuple(config["hidden"] or (256,)), backend).to(device)
+    loss = build_loss(config["loss"], config["model"], config["label_smoothing"],
+                      config["backend"])
+    opt_cls = torch.optim.SGD if config["optimizer"] == "sgd" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=config["lr"])
+    return model, loss, optimizer
+
+
+class StopFlag:
+    """Set by the first Ctrl-C; the loop checks it between steps. A second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def catching_sigint(self) -> Iterator["StopFlag"]:
+        def handler(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nCtrl-C: stopping after this step to save a checkpoint "
+                  "(press again to abort without saving)", file=sys.stderr)
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no signal handling
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _tqdm(iterable, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, unit="batch", dynamic_ncols=True, disable=None, **kwargs)
+
+
+def epoch_line(e: dict) -> str:
+    """The chapter-style summary of one epoch."""
+    return (f"epoch {e['epoch']}, loss {e['train_loss']:.4f}, train acc {e['train_acc']:.3f}, "
+            f"test acc {e['test_acc']:.3f}  ({e['seconds']:.2f} s)")
+
+
+def write_figures(trainer: Trainer, config: dict, out: Path, n_examples: int = 24) -> None:
+    """curves.png, predictions.png and confusion.png for the trained model."""
+    from . import plots
+
+    history = trainer.progress.history
+    if history:
+        plots.plot_curves(history, out / "curves.png")
+    pred = predict(trainer.model, trainer.test_x)
+    with torch.inference_mode():
+        backend = config["backend"] if config["loss"] == "fused" else "torch"
+        probs = predict_probabilities(trainer.model, trainer.test_x[:n_examples], backend)
+    conf = probs.gather(1, pred[:n_examples, None]).squeeze(1)
+    plots.plot_predictions(trainer.test_x[:n_examples], trainer.test_y[:n_examples],
+                           pred[:n_examples], conf, CLASS_NAMES, out / "predictions.png")
+    counts = plots.confusion_matrix(trainer.test_y, pred, len(CLASS_NAMES))
+    plots.plot_confusion(counts, CLASS_NAMES, out / "confusion.png")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the trainer; return the process exit status (0, or 130 after Ctrl-C)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    config = make_config(args, device)
+    state = None
+    if args.resume:
+        try:
+            state = ckpt.load_checkpoint(out, device)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        config.update({k: state["config"][k] for k in RUN_DEFINING})
+        config["epochs"] = state["config"]["epochs"] if args.epochs is None else args.epochs
+    try:
+        data = load(args.data_dir, device)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Fashion-MNIST from {data.origin}: {len(data.train_x)} training and "
+          f"{len(data.test_x)} test images on {device}")
+
+    model, loss, optimizer = build(config, device)
+    trainer = Trainer(model, loss, optimizer, data.train_x, data.train_y, data.test_x,
+                      data.test_y, config["batch_size"], config["seed"], Progress())
+    if state is not None:
+        trainer.load_state_dict(state)
+        p = trainer.progress
+        print(f"resuming {out / ckpt.CHECKPOINT}: epoch {p.epoch + 1}, step {p.step} "
+              f"(config from the checkpoint, {config['epochs']} epochs)")
+        for e in p.history:
+            print(epoch_line(e))
+
+    def save() -> None:
+        ckpt.save_checkpoint({"config": config, **trainer.state_dict()}, out)
+        ckpt.write_metrics(config, trainer.progress.history, out, data=data.origin)
+
+    def on_epoch(e: dict) -> None:
+        print(epoch_line(e), flush=True)
+        save()
+
+    flag = StopFlag()
+    with flag.catching_sigint():
+        finished = trainer.run(config["epochs"], on_epoch, flag, _tqdm)
+    save()
+    if not finished:
+        print(f"interrupted: saved {out / ckpt.CHECKPOINT}; continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 130
+    write_figures(trainer, config, out)
+    seconds = sum(e["seconds"] for e in trainer.progress.history)
+    print(f"train_seconds {seconds:.2f} ({config['model']}, loss {config['loss']}, {device}); "
+          f"outputs in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
