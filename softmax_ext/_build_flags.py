@@ -7,10 +7,10 @@ import sys
 def cxx_flags() -> list[str]:
     """-O3 and OpenMP: without -fopenmp at compile and link, at::parallel_for runs on one thread."""
     if sys.platform == "win32":
-        return ["/O2", "/openmp", "/std:c++17"]
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+        return ["/O2", "/openmp"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-strict-aliasing"]
     if sys.platform == "darwin":
-        flags = ["-O3", "-std=c++17", "-Xpreprocessor", "-fopenmp"]
+        flags = ["-O3", "-Xpreprocessor", "-fopenmp"]
     return flags
 
 

@@ -9,8 +9,10 @@ All operators work on plain views prepared by :mod:`softmax_ext.functional`:
 * softmax: any tensor and a non-negative ``dim``; the kernel treats it as (outer, C, inner).
 * cross-entropy: ``logits`` is (rows, C) with unit class stride; index targets are int64 (rows,);
   soft targets are (rows, C) in the logits' dtype; ``weight`` is (C,) in the accumulation dtype.
-  Per-row outputs (losses, log-sum-exp) are in the accumulation dtype: float32 for float32,
-  float16 and bfloat16 logits, float64 for float64.
+  Per-row losses are in the accumulation dtype: float32 for float32, float16 and bfloat16 logits,
+  float64 for float64. The per-row log-sum-exp is float64 for every dtype: the backward splits it
+  as hi + lo and computes exp((x - hi) - lo), as exact as PyTorch's exp(log_softmax) even when the
+  logits are large (near 1e4), where a float32 log-sum-exp alone would lose four digits.
 """
 from __future__ import annotations
 
@@ -62,8 +64,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_row(logits: Tensor, n: int) -> Tensor:
-    return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))
+def _per_row(logits: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return logits.new_empty((logits.shape[0],), dtype=dtype or acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::softmax_fwd")
@@ -78,7 +80,7 @@ def _softmax_bwd_fake(grad_output: Tensor, output: Tensor, dim: int, log: bool) 
 
 @torch.library.register_fake(f"{NAMESPACE}::ce_index_fwd")
 def _ce_index_fwd_fake(logits, target, weight, ignore_index, with_smooth):
-    return _per_row(logits, 0), _per_row(logits, 1), _per_row(logits, 2)
+    return _per_row(logits), _per_row(logits), _per_row(logits, torch.float64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ce_index_bwd")
@@ -88,7 +90,7 @@ def _ce_index_bwd_fake(grad_nll, grad_smooth, logits, target, weight, lse, ignor
 
 @torch.library.register_fake(f"{NAMESPACE}::ce_soft_fwd")
 def _ce_soft_fwd_fake(logits, target, weight, label_smoothing):
-    return _per_row(logits, 0), _per_row(logits, 1), _per_row(logits, 2)
+    return _per_row(logits), _per_row(logits, torch.float64), _per_row(logits)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ce_soft_bwd")

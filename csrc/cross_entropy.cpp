@@ -1,0 +1,357 @@
+// Fused softmax-cross-entropy on CPU: forward and backward, class-index and class-probability
+// targets, per-class weights, ignore_index and label smoothing.
+//
+// Forward reads each row once (chunks of kChunk values: max, then sum of exponentials from L1) and
+// writes per-row results only; the backward reads each row once more and writes the gradient once.
+// The log-sum-exp is kept in float64 so that the backward can split it as hi + lo and compute
+// exp((x - hi) - lo) as accurately as PyTorch computes exp(log_softmax), even for logits near 1e4.
+#include <torch/library.h>
+
+#include "dispatch.h"
+#include "row_ops.h"
+
+namespace sme {
+namespace {
+
+template <typename A>
+SME_INLINE void online_merge(A cm, A& m, A& s) {
+  if (cm > m) {
+    s *= std::exp(m - cm);
+    m = cm;
+  }
+}
+
+template <typename A>
+SME_INLINE A safe_shift(A m) {
+  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
+}
+
+SME_INLINE void check_target(int64_t t, int64_t C) {
+  TORCH_CHECK_INDEX(t >= 0 && t < C, "Target ", t, " is out of bounds.");
+}
+
+// Running statistics of one row: m + log(s) is its log-sum-exp.
+template <typename A>
+struct RowStats {
+  A m = -std::numeric_limits<A>::infinity();
+  A s = 0;
+  A shift = 0;        // reference r for the shifted sums (first finite chunk max)
+  bool shift_set = false;
+  SME_INLINE void add(const A* x, int64_t n) {
+    const A cm = max_of(x, n);
+    online_merge(cm, m, s);
+    s += sum_exp(x, n, safe_shift(m));
+    if (!shift_set) {
+      shift = std::isfinite(cm) ? cm : A(0);
+      shift_set = true;
+    }
+  }
+};
+
+// ---- class-index targets ------------------------------------------------------------------------
+
+struct IndexFwdArgs {
+  const void* x;
+  int64_t row_stride, C;
+  const int64_t* target;
+  int64_t target_stride;
+  const void* w;  // acc type, or nullptr
+  double W;       // sum of weights (C without weights)
+  int64_t ignore_index;
+  bool with_smooth;
+  void* nll;
+  void* smooth;
+  double* lse;
+};
+
+template <typename T>
+SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A xbuf[kChunk];
+  const A* w = static_cast<const A*>(a.w);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
+    const int64_t t = a.target[i * a.target_stride];
+    const bool ignored = t == a.ignore_index;
+    if (!ignored) check_target(t, a.C);
+    RowStats<A> st;
+    A wdot = 0;
+    for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.C - c0);
+      const A* x = to_acc(xr + c0, n, xbuf);
+      st.add(x, n);
+      if (a.with_smooth && !ignored) wdot += wdot_shift(x, w ? w + c0 : nullptr, n, st.shift);
+    }
+    const A ls = std::log(st.s);
+    a.lse[i] = static_cast<double>(st.m) + static_cast<double>(ls);
+    A nll = 0, smooth = 0;
+    if (!ignored) {
+      nll = (w ? w[t] : A(1)) * ((st.m - load1(xr + t)) + ls);
+      if (a.with_smooth) smooth = static_cast<A>(a.W) * ((st.m - st.shift) + ls) - wdot;
+    }
+    static_cast<A*>(a.nll)[i] = nll;
+    static_cast<A*>(a.smooth)[i] = smooth;
+  }
+}
+
+struct IndexBwdArgs {
+  const void* grad_nll;
+  int64_t gn_stride;
+  const void* grad_smooth;
+  int64_t gs_stride;
+  const void* x;
+  int64_t row_stride, C;
+  const int64_t* target;
+  int64_t target_stride;
+  const void* w;
+  double W;
+  const double* lse;
+  int64_t ignore_index;
+  bool with_smooth;
+  void* gx;  // contiguous (rows, C)
+};
+
+template <typename T>
+SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A xbuf[kChunk], obuf[kChunk];
+  const A* w = static_cast<const A*>(a.w);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
+    T* gr = static_cast<T*>(a.gx) + i * a.C;
+    const int64_t t = a.target[i * a.target_stride];
+    if (t == a.ignore_index) {
+      std::memset(static_cast<void*>(gr), 0, a.C * sizeof(T));
+      continue;
+    }
+    check_target(t, a.C);
+    const A gn = static_cast<const A*>(a.grad_nll)[i * a.gn_stride];
+    const A gs = a.with_smooth ? static_cast<const A*>(a.grad_smooth)[i * a.gs_stride] : A(0);
+    const A gt = gn * (w ? w[t] : A(1));  // weight of the true-class term
+    const A alpha = gt + gs * static_cast<A>(a.W);
+    const A hi = static_cast<A>(a.lse[i]);
+    const A lo = static_cast<A>(a.lse[i] - static_cast<double>(hi));
+    for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.C - c0);
+      A* out = out_chunk(gr + c0, obuf);
+      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out);
+      if (t >= c0 && t < c0 + n) out[t - c0] -= gt;  // in the accumulation type, then rounded once
+      from_acc(out, n, gr + c0);
+    }
+  }
+}
+
+// ---- class-probability targets ------------------------------------------------------------------
+
+struct SoftFwdArgs {
+  const void* x;
+  int64_t row_stride, C;
+  const void* t;  // same storage type as x
+  int64_t t_row_stride;
+  const void* w;
+  double eps;
+  void* loss;
+  double* lse;
+  void* tsum;
+};
+
+template <typename T>
+SME_INLINE void ce_soft_fwd_rows(const SoftFwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A xbuf[kChunk], tbuf[kChunk];
+  const A* w = static_cast<const A*>(a.w);
+  const A qa = static_cast<A>(1.0 - a.eps), qb = static_cast<A>(a.eps / a.C);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
+    const T* tr = static_cast<const T*>(a.t) + i * a.t_row_stride;
+    RowStats<A> st;
+    A tsum = 0, tx = 0;
+    for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.C - c0);
+      const A* x = to_acc(xr + c0, n, xbuf);
+      st.add(x, n);
+      soft_sums(x, to_acc(tr + c0, n, tbuf), w ? w + c0 : nullptr, n, qa, qb, st.shift, tsum, tx);
+    }
+    const A ls = std::log(st.s);
+    a.lse[i] = static_cast<double>(st.m) + static_cast<double>(ls);
+    static_cast<A*>(a.loss)[i] = tsum * ((st.m - st.shift) + ls) - tx;
+    static_cast<A*>(a.tsum)[i] = tsum;
+  }
+}
+
+struct SoftBwdArgs {
+  const void* grad;
+  int64_t g_stride;
+  const void* x;
+  int64_t row_stride, C;
+  const void* t;
+  int64_t t_row_stride;
+  const void* w;
+  const double* lse;
+  const void* tsum;
+  double eps;
+  void* gx;
+};
+
+template <typename T>
+SME_INLINE void ce_soft_bwd_rows(const SoftBwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A xbuf[kChunk], tbuf[kChunk], obuf[kChunk];
+  const A* w = static_cast<const A*>(a.w);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
+    const T* tr = static_cast<const T*>(a.t) + i * a.t_row_stride;
+    T* gr = static_cast<T*>(a.gx) + i * a.C;
+    const A g = static_cast<const A*>(a.grad)[i * a.g_stride];
+    const A gS = g * static_cast<const A*>(a.tsum)[i];
+    const A c1 = g * static_cast<A>(1.0 - a.eps), c0 = g * static_cast<A>(a.eps / a.C);
+    const A hi = static_cast<A>(a.lse[i]);
+    const A lo = static_cast<A>(a.lse[i] - static_cast<double>(hi));
+    for (int64_t k0 = 0; k0 < a.C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.C - k0);
+      A* out = out_chunk(gr + k0, obuf);
+      ce_soft_grad(to_acc(xr + k0, n, xbuf), to_acc(tr + k0, n, tbuf), w ? w + k0 : nullptr, n,
+                   hi, lo, gS, c1, c0, out);
+      from_acc(out, n, gr + k0);
+    }
+  }
+}
+
+SME_CLONED_ENTRY(ce_index_fwd_rows, IndexFwdArgs)
+SME_CLONED_ENTRY(ce_index_bwd_rows, IndexBwdArgs)
+SME_CLONED_ENTRY(ce_soft_fwd_rows, SoftFwdArgs)
+SME_CLONED_ENTRY(ce_soft_bwd_rows, SoftBwdArgs)
+
+// ---- argument checks shared by the four operators ------------------------------------------------
+
+void check_logits(const at::Tensor& x, const char* op) {
+  check_floating(x, op);
+  TORCH_CHECK(x.dim() == 2, "softmax_ext::", op, ": logits must be (rows, classes), got ", x.sizes());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "softmax_ext::", op,
+              ": logits must have unit class stride");
+}
+
+void check_index_target(const at::Tensor& x, const at::Tensor& target, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_ext::", op,
+              ": expected int64 targets, got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "softmax_ext::", op,
+              ": target must be (rows,) = (", x.size(0), ",), got ", target.sizes());
+}
+
+void check_soft_target(const at::Tensor& x, const at::Tensor& target, const char* op) {
+  TORCH_CHECK(target.scalar_type() == x.scalar_type(), "softmax_ext::", op,
+              ": soft targets must have the logits' dtype ", x.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(target.sizes() == x.sizes(), "softmax_ext::", op, ": soft target shape ",
+              target.sizes(), " differs from logits ", x.sizes());
+}
+
+// The weight as a contiguous accumulation-type vector (or an undefined tensor) and its sum.
+std::pair<at::Tensor, double> prepared_weight(const std::optional<at::Tensor>& weight,
+                                              const at::Tensor& x, const char* op) {
+  if (!weight.has_value() || !weight->defined()) return {at::Tensor(), static_cast<double>(x.size(1))};
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1), "softmax_ext::", op,
+              ": weight must be (classes,) = (", x.size(1), ",), got ", weight->sizes());
+  at::Tensor w = weight->to(acc_type(x.scalar_type())).contiguous();
+  return {w, w.sum().item<double>()};
+}
+
+// A per-row vector in the accumulation type; a stride-0 expansion of a scalar stays one.
+at::Tensor per_row(const at::Tensor& v, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), "softmax_ext: ", name, " must be (rows,) = (",
+              x.size(0), ",), got ", v.sizes());
+  return v.to(acc_type(x.scalar_type()));
+}
+
+at::Tensor lse_of(const at::Tensor& lse, const at::Tensor& x) {
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0), "softmax_ext: lse must be (rows,)");
+  return lse.to(at::kDouble).contiguous();
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            int64_t ignore_index, bool with_smooth) {
+  check_logits(logits, "ce_index_fwd");
+  check_index_target(logits, target, "ce_index_fwd");
+  auto [w, W] = prepared_weight(weight, logits, "ce_index_fwd");
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
+  at::Tensor nll = at::empty({rows}, opts), smooth = at::zeros({rows}, opts);
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
+  if (rows == 0) return {nll, smooth, lse};
+  TORCH_CHECK(C > 0, "softmax_ext::ce_index_fwd: no classes");
+  const IndexFwdArgs a{logits.const_data_ptr(), logits.stride(0), C, target.const_data_ptr<int64_t>(),
+                       target.stride(0), data_or_null(w), W, ignore_index, with_smooth,
+                       nll.mutable_data_ptr(), smooth.mutable_data_ptr(), lse.mutable_data_ptr<double>()};
+  ce_index_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
+  return {nll, smooth, lse};
+}
+
+at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smooth, const at::Tensor& logits,
+                        const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const at::Tensor& lse, int64_t ignore_index, bool with_smooth) {
+  check_logits(logits, "ce_index_bwd");
+  check_index_target(logits, target, "ce_index_bwd");
+  auto [w, W] = prepared_weight(weight, logits, "ce_index_bwd");
+  const at::Tensor gn = per_row(grad_nll, logits, "grad_nll");
+  const at::Tensor gs = per_row(grad_smooth, logits, "grad_smooth");
+  const at::Tensor l = lse_of(lse, logits);
+  at::Tensor gx = at::empty(logits.sizes(), logits.options());
+  if (logits.numel() == 0) return gx;
+  const IndexBwdArgs a{gn.const_data_ptr(), gn.stride(0), gs.const_data_ptr(), gs.stride(0),
+                       logits.const_data_ptr(), logits.stride(0), logits.size(1),
+                       target.const_data_ptr<int64_t>(), target.stride(0), data_or_null(w), W,
+                       l.const_data_ptr<double>(), ignore_index, with_smooth, gx.mutable_data_ptr()};
+  ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
+  return gx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_soft_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           double label_smoothing) {
+  check_logits(logits, "ce_soft_fwd");
+  check_soft_target(logits, target, "ce_soft_fwd");
+  auto [w, W] = prepared_weight(weight, logits, "ce_soft_fwd");
+  const at::Tensor t = target.size(1) <= 1 || target.stride(1) == 1 ? target : target.contiguous();
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
+  at::Tensor loss = at::empty({rows}, opts), tsum = at::empty({rows}, opts);
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
+  if (rows == 0) return {loss, lse, tsum};
+  TORCH_CHECK(C > 0, "softmax_ext::ce_soft_fwd: no classes");
+  const SoftFwdArgs a{logits.const_data_ptr(), logits.stride(0), C, t.const_data_ptr(), t.stride(0),
+                      data_or_null(w), label_smoothing, loss.mutable_data_ptr(),
+                      lse.mutable_data_ptr<double>(), tsum.mutable_data_ptr()};
+  ce_soft_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
+  return {loss, lse, tsum};
+}
+
+at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& tsum,
+                       double label_smoothing) {
+  check_logits(logits, "ce_soft_bwd");
+  check_soft_target(logits, target, "ce_soft_bwd");
+  auto [w, W] = prepared_weight(weight, logits, "ce_soft_bwd");
+  const at::Tensor t = target.size(1) <= 1 || target.stride(1) == 1 ? target : target.contiguous();
+  const at::Tensor g = per_row(grad_loss, logits, "grad_loss");
+  const at::Tensor ts = per_row(tsum, logits, "tsum").contiguous();
+  const at::Tensor l = lse_of(lse, logits);
+  at::Tensor gx = at::empty(logits.sizes(), logits.options());
+  if (logits.numel() == 0) return gx;
+  const SoftBwdArgs a{g.const_data_ptr(), g.stride(0), logits.const_data_ptr(), logits.stride(0),
+                      logits.size(1), t.const_data_ptr(), t.stride(0), data_or_null(w),
+                      l.const_data_ptr<double>(), ts.const_data_ptr(), label_smoothing, gx.mutable_data_ptr()};
+  ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
+  return gx;
+}
+
+}  // namespace
+}  // namespace sme
+
+TORCH_LIBRARY_IMPL(softmax_ext, CPU, m) {
+  m.impl("ce_index_fwd", &sme::ce_index_fwd);
+  m.impl("ce_index_bwd", &sme::ce_index_bwd);
+  m.impl("ce_soft_fwd", &sme::ce_soft_fwd);
+  m.impl("ce_soft_bwd", &sme::ce_soft_bwd);
+}

@@ -1,0 +1,7 @@
+// The Python module softmax_ext._C. Importing it runs the TORCH_LIBRARY_IMPL registrations of the
+// CPU kernels; the operator schemas themselves are defined in softmax_ext/ops.py.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "softmax_ext CPU kernels (registered with torch.library on import)";
+}

@@ -1,0 +1,214 @@
+// Per-row building blocks shared by the softmax and cross-entropy kernels.
+//
+// Each works on a contiguous run of n values in the accumulation type A: float (SIMD, 16 lanes,
+// used for float32 and, after conversion, float16/bfloat16 data) or double (plain loops; the exact
+// reference path). Callers walk a row in cache-sized chunks and merge with an online max/sum.
+#pragma once
+
+#include "simd.h"
+
+namespace sme {
+
+// ---- float: SIMD -------------------------------------------------------------------------------
+
+SME_INLINE float max_of(const float* x, int64_t n) {
+  vf m0 = splat(-kInf), m1 = splat(-kInf);
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    m0 = vmax(loadu(x + i), m0);
+    m1 = vmax(loadu(x + i + kLanes), m1);
+  }
+  for (; i + kLanes <= n; i += kLanes) m0 = vmax(loadu(x + i), m0);
+  if (i < n) m1 = vmax(load_part(x + i, n - i, -kInf), m1);
+  return hmax(vmax(m0, m1));
+}
+
+// sum exp(x - m); lanes past n contribute exp(-inf) = 0.
+SME_INLINE float sum_exp(const float* x, int64_t n, float m) {
+  const vf vm = splat(m);
+  vf s0 = splat(0.0f), s1 = splat(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    s0 += vexp(loadu(x + i) - vm);
+    s1 += vexp(loadu(x + i + kLanes) - vm);
+  }
+  for (; i + kLanes <= n; i += kLanes) s0 += vexp(loadu(x + i) - vm);
+  if (i < n) s1 += vexp(load_part(x + i, n - i, -kInf) - vm);
+  return hsum(s0 + s1);
+}
+
+// sum w[c] * (x[c] - r), or sum (x[c] - r) without weights. The shift r keeps rows far from zero
+// (say every logit near +1000) from cancelling catastrophically.
+SME_INLINE float wdot_shift(const float* x, const float* w, int64_t n, float r) {
+  const vf vr = splat(r);
+  vf s = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf d = loadu(x + i) - vr;
+    s += w ? loadu(w + i) * d : d;
+  }
+  if (i < n) {
+    const vf d = load_part(x + i, n - i, r) - vr;
+    s += w ? load_part(w + i, n - i, 0.0f) * d : d;
+  }
+  return hsum(s);
+}
+
+// With q = a * t + b: tsum += sum w q and tx += sum w q (x - r).
+SME_INLINE void soft_sums(const float* x, const float* t, const float* w, int64_t n, float a,
+                          float b, float r, float& tsum, float& tx) {
+  const vf vr = splat(r);
+  vf s = splat(0.0f), d = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf q = loadu(t + i) * a + b;
+    if (w) q *= loadu(w + i);
+    s += q;
+    d += q * (loadu(x + i) - vr);
+  }
+  if (i < n) {
+    const int64_t k = n - i;
+    vf q = load_part(t + i, k, 0.0f) * a + b;
+    if (w) q *= load_part(w + i, k, 0.0f);
+    for (int64_t l = k; l < kLanes; ++l) q[l] = 0.0f;  // lanes past n would otherwise hold b
+    s += q;
+    d += q * (load_part(x + i, k, r) - vr);
+  }
+  tsum += hsum(s);
+  tx += hsum(d);
+}
+
+// softmax: out = exp(x - m) * inv_s; log_softmax: out = (x - m) - log_s.
+SME_INLINE void softmax_write(const float* x, int64_t n, float m, float c, bool log, float* out) {
+  const vf vm = splat(m), vc = splat(c);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf d = loadu(x + i) - vm;
+    storeu(out + i, log ? d - vc : vexp(d) * vc);
+  }
+  if (i < n) {
+    const vf d = load_part(x + i, n - i, 0.0f) - vm;
+    store_part(out + i, log ? d - vc : vexp(d) * vc, n - i);
+  }
+}
+
+// Cross-entropy gradient with index targets (the true class is fixed up by the caller):
+// out = alpha * exp((x - hi) - lo) - gs * w, the log-sum-exp split as hi + lo for accuracy.
+SME_INLINE void ce_index_grad(const float* x, const float* w, int64_t n, float hi, float lo,
+                              float alpha, float gs, float* out) {
+  const vf vh = splat(hi), vl = splat(lo), va = splat(alpha), vg = splat(gs);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf p = vexp((loadu(x + i) - vh) - vl);
+    storeu(out + i, va * p - (w ? vg * loadu(w + i) : vg));
+  }
+  if (i < n) {
+    const int64_t k = n - i;
+    const vf p = vexp((load_part(x + i, k, -kInf) - vh) - vl);
+    store_part(out + i, va * p - (w ? vg * load_part(w + i, k, 0.0f) : vg), k);
+  }
+}
+
+// Soft-target gradient: out = gS * exp((x - hi) - lo) - w * (c1 * t + c0).
+SME_INLINE void ce_soft_grad(const float* x, const float* t, const float* w, int64_t n, float hi,
+                             float lo, float gS, float c1, float c0, float* out) {
+  const vf vh = splat(hi), vl = splat(lo), vg = splat(gS);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf q = loadu(t + i) * c1 + c0;
+    if (w) q *= loadu(w + i);
+    storeu(out + i, vg * vexp((loadu(x + i) - vh) - vl) - q);
+  }
+  if (i < n) {
+    const int64_t k = n - i;
+    vf q = load_part(t + i, k, 0.0f) * c1 + c0;
+    if (w) q *= load_part(w + i, k, 0.0f);
+    store_part(out + i, vg * vexp((load_part(x + i, k, -kInf) - vh) - vl) - q, k);
+  }
+}
+
+// sum a[i] * b[i] (b == nullptr: sum a[i]).
+SME_INLINE float dot(const float* a, const float* b, int64_t n) {
+  vf s = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) s += b ? loadu(a + i) * loadu(b + i) : loadu(a + i);
+  if (i < n) {
+    const vf va = load_part(a + i, n - i, 0.0f);
+    s += b ? va * load_part(b + i, n - i, 0.0f) : va;
+  }
+  return hsum(s);
+}
+
+// softmax backward: out = y * (g - s); log_softmax backward: out = g - exp(y) * s.
+SME_INLINE void softmax_bwd_write(const float* g, const float* y, int64_t n, float s, bool log,
+                                  float* out) {
+  const vf vs = splat(s);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf vg = loadu(g + i), vy = loadu(y + i);
+    storeu(out + i, log ? vg - vexp(vy) * vs : vy * (vg - vs));
+  }
+  if (i < n) {
+    const vf vg = load_part(g + i, n - i, 0.0f), vy = load_part(y + i, n - i, 0.0f);
+    store_part(out + i, log ? vg - vexp(vy) * vs : vy * (vg - vs), n - i);
+  }
+}
+
+// ---- double: the exact reference path ----------------------------------------------------------
+
+SME_INLINE double max_of(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+SME_INLINE double sum_exp(const double* x, int64_t n, double m) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
+  return s;
+}
+
+SME_INLINE double wdot_shift(const double* x, const double* w, int64_t n, double r) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += w ? w[i] * (x[i] - r) : x[i] - r;
+  return s;
+}
+
+SME_INLINE void soft_sums(const double* x, const double* t, const double* w, int64_t n, double a,
+                          double b, double r, double& tsum, double& tx) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double q = (a * t[i] + b) * (w ? w[i] : 1.0);
+    tsum += q;
+    tx += q * (x[i] - r);
+  }
+}
+
+SME_INLINE void softmax_write(const double* x, int64_t n, double m, double c, bool log,
+                              double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = log ? (x[i] - m) - c : std::exp(x[i] - m) * c;
+}
+
+SME_INLINE void ce_index_grad(const double* x, const double* w, int64_t n, double hi, double lo,
+                              double alpha, double gs, double* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = alpha * std::exp((x[i] - hi) - lo) - gs * (w ? w[i] : 1.0);
+}
+
+SME_INLINE void ce_soft_grad(const double* x, const double* t, const double* w, int64_t n,
+                             double hi, double lo, double gS, double c1, double c0, double* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = gS * std::exp((x[i] - hi) - lo) - (c1 * t[i] + c0) * (w ? w[i] : 1.0);
+}
+
+SME_INLINE double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += b ? a[i] * b[i] : a[i];
+  return s;
+}
+
+SME_INLINE void softmax_bwd_write(const double* g, const double* y, int64_t n, double s, bool log,
+                                  double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = log ? g[i] - std::exp(y[i]) * s : y[i] * (g[i] - s);
+}
+
+}  // namespace sme

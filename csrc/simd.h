@@ -1,0 +1,91 @@
+// Portable SIMD building blocks for the CPU kernels: GCC/Clang vector extensions of 16 floats.
+//
+// Every helper is force-inlined so that it is compiled for the instruction set of the function it
+// lands in: the row kernels are built once per ISA (AVX-512, AVX2, baseline) with target_clones and
+// picked at load time, instead of -march=native, so a built extension still runs on older CPUs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define SME_INLINE inline __attribute__((always_inline))
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define SME_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SME_CLONES
+#endif
+
+namespace sme {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+SME_INLINE vf splat(float a) { return vf{} + a; }
+
+SME_INLINE vf loadu(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+SME_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// The first k (< kLanes) floats of p, the other lanes set to fill.
+SME_INLINE vf load_part(const float* p, int64_t k, float fill) {
+  vf v = splat(fill);
+  for (int64_t l = 0; l < k; ++l) v[l] = p[l];
+  return v;
+}
+
+SME_INLINE void store_part(float* p, vf v, int64_t k) {
+  for (int64_t l = 0; l < k; ++l) p[l] = v[l];
+}
+
+// a > b ? a : b lane-wise (maxps semantics).
+SME_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+SME_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+SME_INLINE float hsum(vf v) {
+  // Pairwise, so that the rounding error does not grow with the lane count.
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) v[l] += v[l + w];
+  return v[0];
+}
+
+// exp(x) in float, about 1 ulp on [-87.3, 88]: Cody-Waite range reduction x = n ln2 + r and the
+// degree-6 Cephes polynomial for exp(r). NaN propagates; x < -87.3 (and -inf) gives 0, x > 88 inf.
+SME_INLINE vf vexp(vf x) {
+  const vf lo = splat(-87.3365447505f), hi = splat(88.0f), magic = splat(12582912.0f);
+  vf xc = x < lo ? lo : x;  // NaN compares false and is kept
+  xc = xc > hi ? hi : xc;
+  const vf nb = xc * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
+  const vf n = nb - magic;
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi e = ((vi)nb - (vi)magic + 127) << 23;  // 2^n
+  vf res = p * (vf)e;
+  res = x < lo ? splat(0.0f) : res;
+  return x > hi ? splat(kInf) : res;
+}
+
+SME_INLINE float sexp(float x) { return vexp(splat(x))[0]; }
+
+}  // namespace sme

@@ -1,0 +1,245 @@
+// softmax / log_softmax forward and backward on CPU, along any dim.
+//
+// The tensor is viewed as (outer, C, inner). inner == 1 walks contiguous rows in chunks with an
+// online max/sum; inner > 1 (class dim not last) walks tiles of 16 neighbouring columns down the
+// class dim, so no transpose copy is ever made.
+#include <torch/library.h>
+
+#include "dispatch.h"
+#include "row_ops.h"
+
+namespace sme {
+namespace {
+
+struct SoftmaxFwdArgs {
+  const void* x;
+  void* y;
+  int64_t C, inner;
+  bool log;
+};
+
+struct SoftmaxBwdArgs {
+  const void* g;
+  const void* y;
+  void* gx;
+  int64_t C, inner;
+  bool log;
+};
+
+template <typename A>
+SME_INLINE void online_merge(A cm, A& m, A& s) {
+  if (cm > m) {
+    s *= std::exp(m - cm);
+    m = cm;
+  }
+}
+
+// Shift for exp in a chunk: the running max, or 0 while no finite value has been seen (so that an
+// all -inf chunk adds exp(-inf) = 0 and never exp(-inf + inf) = NaN).
+template <typename A>
+SME_INLINE A safe_shift(A m) {
+  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
+}
+
+template <typename T>
+SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A xbuf[kChunk], obuf[kChunk];
+  const int64_t C = a.C;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * C;
+    T* yr = static_cast<T*>(a.y) + i * C;
+    A m = -std::numeric_limits<A>::infinity(), s = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0);
+      const A* x = to_acc(xr + c0, n, xbuf);
+      online_merge(max_of(x, n), m, s);
+      s += sum_exp(x, n, safe_shift(m));
+    }
+    const A c = a.log ? std::log(s) : A(1) / s;
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0);
+      A* out = out_chunk(yr + c0, obuf);
+      softmax_write(to_acc(xr + c0, n, xbuf), n, m, c, a.log, out);
+      from_acc(out, n, yr + c0);
+    }
+  }
+}
+
+template <typename T>
+SME_INLINE void softmax_bwd_rows(const SoftmaxBwdArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  alignas(64) A gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
+  const int64_t C = a.C;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* gr = static_cast<const T*>(a.g) + i * C;
+    const T* yr = static_cast<const T*>(a.y) + i * C;
+    T* outr = static_cast<T*>(a.gx) + i * C;
+    A s = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0);
+      const A* g = to_acc(gr + c0, n, gbuf);
+      s += a.log ? dot(g, static_cast<const A*>(nullptr), n) : dot(g, to_acc(yr + c0, n, ybuf), n);
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0);
+      A* out = out_chunk(outr + c0, obuf);
+      softmax_bwd_write(to_acc(gr + c0, n, gbuf), to_acc(yr + c0, n, ybuf), n, s, a.log, out);
+      from_acc(out, n, outr + c0);
+    }
+  }
+}
+
+// ---- class dim not last: tiles of kLanes columns ------------------------------------------------
+
+// Lanes [0, k) of one class-dim step of a tile as 16 floats (or doubles, lane-wise).
+template <typename T>
+SME_INLINE vf load_lanes(const T* p, int64_t k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return k == kLanes ? loadu(p) : load_part(p, k, 0.0f);
+  } else {
+    alignas(64) float tmp[kLanes] = {};
+    to_acc(p, k, tmp);
+    return loadu(tmp);
+  }
+}
+
+template <typename T>
+SME_INLINE void store_lanes(T* p, vf v, int64_t k) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (k == kLanes) storeu(p, v); else store_part(p, v, k);
+  } else {
+    alignas(64) float tmp[kLanes];
+    storeu(tmp, v);
+    from_acc(tmp, k, p);
+  }
+}
+
+template <typename T>
+SME_INLINE void softmax_fwd_tiles(const SoftmaxFwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C, inner = a.inner, tiles = (inner + kLanes - 1) / kLanes;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes, k = std::min<int64_t>(kLanes, inner - j0);
+    const T* x = static_cast<const T*>(a.x) + o * C * inner + j0;
+    T* y = static_cast<T*>(a.y) + o * C * inner + j0;
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t l = 0; l < k; ++l) {
+        double m = -std::numeric_limits<double>::infinity(), s = 0;
+        for (int64_t c = 0; c < C; ++c) m = x[c * inner + l] > m ? x[c * inner + l] : m;
+        const double sh = safe_shift(m);
+        for (int64_t c = 0; c < C; ++c) s += std::exp(x[c * inner + l] - sh);
+        const double cst = a.log ? std::log(s) : 1.0 / s;
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = x[c * inner + l] - m;
+          y[c * inner + l] = a.log ? d - cst : std::exp(d) * cst;
+        }
+      }
+    } else {
+      vf m = splat(-kInf), s = splat(0.0f);
+      for (int64_t c = 0; c < C; ++c) m = vmax(load_lanes(x + c * inner, k), m);
+      const vf sh = m == splat(-kInf) ? splat(0.0f) : m;
+      for (int64_t c = 0; c < C; ++c) s += vexp(load_lanes(x + c * inner, k) - sh);
+      vf cst;
+      for (int l = 0; l < kLanes; ++l) cst[l] = a.log ? std::log(s[l]) : 1.0f / s[l];
+      for (int64_t c = 0; c < C; ++c) {
+        const vf d = load_lanes(x + c * inner, k) - m;
+        store_lanes(y + c * inner, a.log ? d - cst : vexp(d) * cst, k);
+      }
+    }
+  }
+}
+
+template <typename T>
+SME_INLINE void softmax_bwd_tiles(const SoftmaxBwdArgs& a, int64_t begin, int64_t end) {
+  const int64_t C = a.C, inner = a.inner, tiles = (inner + kLanes - 1) / kLanes;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes, k = std::min<int64_t>(kLanes, inner - j0);
+    const int64_t base = o * C * inner + j0;
+    const T* g = static_cast<const T*>(a.g) + base;
+    const T* y = static_cast<const T*>(a.y) + base;
+    T* gx = static_cast<T*>(a.gx) + base;
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t l = 0; l < k; ++l) {
+        double s = 0;
+        for (int64_t c = 0; c < C; ++c) s += a.log ? g[c * inner + l] : g[c * inner + l] * y[c * inner + l];
+        for (int64_t c = 0; c < C; ++c) {
+          const double gv = g[c * inner + l], yv = y[c * inner + l];
+          gx[c * inner + l] = a.log ? gv - std::exp(yv) * s : yv * (gv - s);
+        }
+      }
+    } else {
+      vf s = splat(0.0f);
+      for (int64_t c = 0; c < C; ++c) {
+        const vf gv = load_lanes(g + c * inner, k);
+        s += a.log ? gv : gv * load_lanes(y + c * inner, k);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const vf gv = load_lanes(g + c * inner, k), yv = load_lanes(y + c * inner, k);
+        store_lanes(gx + c * inner, a.log ? gv - vexp(yv) * s : yv * (gv - s), k);
+      }
+    }
+  }
+}
+
+SME_CLONED_ENTRY(softmax_fwd_rows, SoftmaxFwdArgs)
+SME_CLONED_ENTRY(softmax_bwd_rows, SoftmaxBwdArgs)
+SME_CLONED_ENTRY(softmax_fwd_tiles, SoftmaxFwdArgs)
+SME_CLONED_ENTRY(softmax_bwd_tiles, SoftmaxBwdArgs)
+
+struct Shape3 {
+  int64_t outer, C, inner;
+};
+
+Shape3 shape3(const at::Tensor& t, int64_t dim) {
+  const int64_t nd = std::max<int64_t>(t.dim(), 1);
+  TORCH_CHECK_INDEX(dim >= 0 && dim < nd, "softmax_ext: dim ", dim, " out of range for a ", t.dim(),
+                    "-d tensor");
+  if (t.dim() == 0) return {1, 1, 1};
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
+  for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
+  return {outer, t.size(dim), inner};
+}
+
+at::Tensor softmax_fwd(const at::Tensor& input, int64_t dim, bool log) {
+  check_floating(input, "softmax_fwd");
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const Shape3 s = shape3(x, dim);
+  if (x.numel() == 0) return y;
+  const SoftmaxFwdArgs a{x.const_data_ptr(), y.mutable_data_ptr(), s.C, s.inner, log};
+  if (s.inner == 1) {
+    softmax_fwd_rows_run(x.scalar_type(), a, s.outer, grain_for(s.C));
+  } else {
+    const int64_t tiles = (s.inner + kLanes - 1) / kLanes;
+    softmax_fwd_tiles_run(x.scalar_type(), a, s.outer * tiles, grain_for(s.C * kLanes));
+  }
+  return y;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim, bool log) {
+  check_floating(output, "softmax_bwd");
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "softmax_ext::softmax_bwd: grad_output ",
+              grad_output.sizes(), " and output ", output.sizes(), " differ in shape");
+  const at::Tensor y = output.contiguous();
+  const at::Tensor g = grad_output.to(y.scalar_type()).contiguous();
+  at::Tensor gx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  const Shape3 s = shape3(y, dim);
+  if (y.numel() == 0) return gx;
+  const SoftmaxBwdArgs a{g.const_data_ptr(), y.const_data_ptr(), gx.mutable_data_ptr(), s.C, s.inner, log};
+  if (s.inner == 1) {
+    softmax_bwd_rows_run(y.scalar_type(), a, s.outer, grain_for(s.C));
+  } else {
+    const int64_t tiles = (s.inner + kLanes - 1) / kLanes;
+    softmax_bwd_tiles_run(y.scalar_type(), a, s.outer * tiles, grain_for(s.C * kLanes));
+  }
+  return gx;
+}
+
+}  // namespace
+}  // namespace sme
+
+TORCH_LIBRARY_IMPL(softmax_ext, CPU, m) {
+  m.impl("softmax_fwd", &sme::softmax_fwd);
+  m.impl("softmax_bwd", &sme::softmax_bwd);
+}
