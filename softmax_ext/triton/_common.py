@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -78,7 +79,7 @@ def on_device(t: torch.Tensor) -> Iterator[None]:
 
     CUDA: make ``t``'s device current (Triton launches on the current device). CPU (the
     interpreter, which runs kernels in NumPy): silence NumPy's floating-point warnings, which the
-    kernels trigger on purpose in discarded ``tl.where`` branches and padded lanes.
+    kernels trigger on purpose in discarded ``tl.where`` branches, padded lanes and NaN rows.
     """
     if t.is_cuda:
         if t.device.index != torch.cuda.current_device():
@@ -87,7 +88,8 @@ def on_device(t: torch.Tensor) -> Iterator[None]:
         else:
             yield
     else:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
             yield
 
 

@@ -1,0 +1,445 @@
+"""Triton-specific tests of the six softmax_ext kernels.
+
+They run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, as `make test-triton`
+does) and on CUDA tensors when a GPU is present and the interpreter is off. A tiny class block
+(``SOFTMAX_EXT_TRITON_BLOCK``) forces the online multi-block path on small shapes.
+References are float64 PyTorch computations.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import softmax_ext  # noqa: E402
+from softmax_ext import ops  # noqa: E402
+from softmax_ext import triton as se_triton  # noqa: E402
+from softmax_ext.triton._common import BLOCK_ENV, max_block_c  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+INTERPRETED = se_triton.interpreter_active()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if HAS_CUDA else [])
+if not DEVICES:
+    pytest.skip("needs TRITON_INTERPRET=1 (CPU) or a CUDA GPU", allow_module_level=True)
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and no interpreter)")
+INF, NAN = math.inf, math.nan
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=[None, "4", "1"], ids=["block-default", "block-4", "block-1"])
+def block(request, monkeypatch) -> None:
+    """Class-block cap: default (single-block path) or tiny (online multi-block path)."""
+    if request.param is None:
+        monkeypatch.delenv(BLOCK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BLOCK_ENV, request.param)
+    return request.param
+
+
+def kernels(device: str):
+    return ops.kernels_for("triton", torch.device(device))
+
+
+def assert_close(actual, expected, atol=1e-12, rtol=1e-10):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
+# ---------------------------------------------------------------- references (float64 torch)
+def ref_index(x, t, w, ignore_index, gn, gs=None):
+    """(nll, smooth, lse, grad) of the ce_index ops, from log_softmax and autograd.
+
+    ``gs`` None: the gradient leaves the smoothing term out (``with_smooth`` False).
+    """
+    x = x.detach().double().requires_grad_()
+    n, c = x.shape
+    w = torch.ones(c, dtype=torch.float64, device=x.device) if w is None else w.double()
+    logp = torch.log_softmax(x, 1)
+    ok = t != ignore_index
+    safe = torch.where(ok, t, 0)
+    nll = torch.where(ok, -logp.gather(1, safe[:, None])[:, 0] * w[safe], 0.0)
+    smooth = torch.where(ok, -(logp * w).sum(1), 0.0)
+    objective = (gn.double() * nll).sum()
+    if gs is not None:
+        objective = objective + (gs.double() * smooth).sum()
+    objective.backward()
+    return nll.detach(), smooth.detach(), torch.logsumexp(x.detach(), 1), x.grad
+
+
+def ref_soft(x, q, w, eps, g):
+    x = x.detach().double().requires_grad_()
+    n, c = x.shape
+    w = torch.ones(c, dtype=torch.float64, device=x.device) if w is None else w.double()
+    qq = (1 - eps) * q.double() + eps / c
+    loss = -(w * qq * torch.log_softmax(x, 1)).sum(1)
+    (g.double() * loss).sum().backward()
+    return loss.detach(), torch.logsumexp(x.detach(), 1), (w * qq).sum(1), x.grad
+
+
+# ---------------------------------------------------------------- softmax
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((3, 9), 1), ((2, 5, 3), 1), ((5, 2), 0), ((4,), 0),
+                                       ((2, 3, 1), 2), ((3, 0), 1)])
+def test_softmax_matches_torch(device, block, shape, dim, log):
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+    ref = (torch.log_softmax if log else torch.softmax)(x, dim)
+    xr = x.clone().requires_grad_()
+    (torch.log_softmax if log else torch.softmax)(xr, dim).backward(g)
+    k = kernels(device)
+    assert_close(k.softmax_fwd(x, dim, log), ref)
+    assert_close(k.softmax_bwd(g, ref, dim, log), xr.grad)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_hostile_rows(device, block, log):
+    x = torch.randn(6, 5, dtype=torch.float64, device=device)
+    x[0, 1] = INF
+    x[1, 4] = NAN
+    x[2] = -INF
+    x[3, :4] = -INF  # the only finite value sits alone in the last, mostly padded block
+    x[4] = -1e300
+    x[5, 2] = -INF
+    fn = torch.log_softmax if log else torch.softmax
+    assert_close(kernels(device).softmax_fwd(x, 1, log), fn(x, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_softmax_half_types(device, block, dtype):
+    x = (torch.randn(4, 37, device=device) * 4).to(dtype)
+    k = kernels(device)
+    for log in (False, True):
+        y = k.softmax_fwd(x, 1, log)
+        assert y.dtype == dtype
+        ref = (torch.log_softmax if log else torch.softmax)(x.double(), 1)
+        assert_close(y, ref, atol=2e-3 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- cross-entropy, index targets
+def _index_case(device, n, c, weighted, ignore_index, gen_seed=0):
+    """Logits as a column slice (row stride c + 3) and targets as an odd-offset strided slice."""
+    g = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(n, c + 3, dtype=torch.float64, generator=g).to(device)[:, 1:c + 1]
+    t = torch.randint(0, c, (2 * n + 1,), generator=g).to(device)[1::2]
+    t[::3] = ignore_index
+    w = torch.rand(c, dtype=torch.float64, generator=g).to(device) if weighted else None
+    return x, t, w
+
+
+@pytest.mark.parametrize("c", [1, 5, 8, 13])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+@pytest.mark.parametrize("with_smooth", [False, True], ids=["nll", "smooth"])
+def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, with_smooth):
+    n = 7
+    x, t, w = _index_case(device, n, c, weighted, ignore_index)
+    assert x.stride(0) == c + 3 and t.stride(0) == 2 and t.storage_offset() == 1
+    gn = torch.randn(n, dtype=torch.float64, device=device)
+    gs = torch.randn((), dtype=torch.float64, device=device).expand(n)  # stride 0
+    k = kernels(device)
+    nll, smooth, lse = k.ce_index_fwd(x, t, w, ignore_index, with_smooth)
+    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, w, ignore_index, gn,
+                                               gs if with_smooth else None)
+    assert nll.dtype == smooth.dtype == lse.dtype == torch.float64
+    assert_close(nll, r_nll)
+    assert_close(lse, r_lse)
+    assert_close(smooth, r_smooth if with_smooth else torch.zeros_like(r_smooth))
+    grad = k.ce_index_bwd(gn, gs, x, t, w, lse, ignore_index, with_smooth)
+    assert grad.is_contiguous() and grad.shape == x.shape
+    assert_close(grad, r_grad)
+    assert (grad[t == ignore_index] == 0).all()
+
+
+def test_ce_index_lse_ignores_padding(device, block):
+    # Very negative rows: any mass leaking from padded lanes (exp(0) = 1) would dominate.
+    x = torch.full((3, 5), -1e4, dtype=torch.float64, device=device)
+    x[1, 4] = -INF
+    x[2, :4] = -INF
+    t = torch.tensor([0, 1, 4], device=device)
+    nll, _, lse = kernels(device).ce_index_fwd(x, t, None, -100, True)
+    assert_close(lse, torch.logsumexp(x, 1))
+    assert torch.isfinite(nll).all()
+
+
+@pytest.mark.parametrize("with_smooth", [False, True], ids=["nll", "smooth"])
+def test_ce_index_hostile_values(device, block, with_smooth):
+    x = torch.randn(7, 6, dtype=torch.float64, device=device)
+    x[0, 2] = INF
+    x[1, 3] = NAN
+    x[2] = -INF                      # all -inf: NaN loss
+    x[3, :5] = -INF                  # -inf elsewhere: probability 0
+    x[4, 0] = -INF                   # weight 0 on a -inf logit: NaN smooth term, as in torch
+    x[5] = -INF                      # ignored all -inf row: exactly 0
+    x[6, 5] = -INF
+    t = torch.tensor([1, 1, 0, 5, 3, -100, 2], device=device)
+    w = torch.rand(6, dtype=torch.float64, device=device) + 0.5
+    w[0] = 0
+    gn = torch.ones(7, dtype=torch.float64, device=device)
+    gs = torch.full((7,), 0.25, dtype=torch.float64, device=device)
+    k = kernels(device)
+    nll, smooth, lse = k.ce_index_fwd(x, t, w, -100, with_smooth)
+    r_nll, r_smooth, _, r_grad = ref_index(x, t, w, -100, gn, gs if with_smooth else None)
+    assert_close(nll, r_nll)
+    if with_smooth:
+        assert_close(smooth, r_smooth)
+    grad = k.ce_index_bwd(gn, gs, x, t, w, lse, -100, with_smooth)
+    assert_close(grad[:5], r_grad[:5])
+    assert (grad[5] == 0).all()
+    assert_close(grad[6], r_grad[6])
+    assert torch.isnan(nll[:3]).all() and torch.isfinite(nll[3:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ce_index_half_types(device, block, dtype):
+    n, c = 6, 11
+    x = (torch.randn(n, c, device=device) * 3).to(dtype)
+    x[0] = 0
+    x[0, 4] = 10  # confident row: its true-class gradient p - 1 ~ -3e-4 needs fp32
+    t = torch.tensor([4, 1, 2, 3, 10, 0], device=device)
+    gn = torch.ones((), device=device).expand(n)
+    k = kernels(device)
+    nll, smooth, lse = k.ce_index_fwd(x, t, None, -100, True)
+    assert nll.dtype == smooth.dtype == lse.dtype == torch.float32
+    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, None, -100, gn.double(), gn.double())
+    assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
+    assert_close(smooth, r_smooth, atol=1e-4, rtol=1e-5)
+    assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, True)
+    assert grad.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert_close(grad, r_grad, atol=tol * c, rtol=tol)
+    _, _, _, r_nll_grad = ref_index(x, t, None, -100, gn.double())
+    g_nll = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, False)
+    assert abs(float(g_nll[0, 4]) / float(r_nll_grad[0, 4]) - 1) < 1e-2
+
+
+def test_ce_index_bad_targets_raise_on_cpu():
+    if not INTERPRETED:
+        pytest.skip("interpreter (CPU) path")
+    k = kernels("cpu")
+    x = torch.randn(4, 5)
+    for bad in (5, -1, -101, 2**40):
+        t = torch.tensor([0, -100, bad, 1])
+        with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
+            k.ce_index_fwd(x, t, None, -100, False)
+        with pytest.raises(IndexError):
+            k.ce_index_bwd(torch.ones(4), torch.ones(4), x, t, None, torch.zeros(4), -100, False)
+        with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
+            softmax_ext.cross_entropy(x, t, backend="triton")
+        with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
+            F.cross_entropy(x, t)  # the message mirrors PyTorch's
+
+
+# ---------------------------------------------------------------- cross-entropy, soft targets
+@pytest.mark.parametrize("c", [1, 6, 9])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_ce_soft_matches_torch(device, block, c, weighted, eps):
+    n = 5
+    x = torch.randn(n, c + 2, dtype=torch.float64, device=device)[:, 2:]
+    q = torch.rand(n, 2 * c, dtype=torch.float64, device=device)[:, ::2].contiguous()
+    q[1] = 0
+    w = torch.rand(c, dtype=torch.float64, device=device) if weighted else None
+    g = torch.randn(n, dtype=torch.float64, device=device)
+    k = kernels(device)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, w, eps)
+    r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, w, eps, g)
+    assert_close(loss, r_loss)
+    assert_close(lse, r_lse)
+    assert_close(tsum, r_tsum)
+    assert_close(k.ce_soft_bwd(g, x, q, w, lse, tsum, eps), r_grad)
+    g0 = torch.ones((), dtype=torch.float64, device=device).expand(n)
+    assert_close(k.ce_soft_bwd(g0, x, q, w, lse, tsum, eps), ref_soft(x, q, w, eps, g0)[3])
+
+
+def test_ce_soft_hostile_values(device, block):
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+    x[0, 2] = INF
+    x[1, 3] = NAN
+    x[2] = -INF
+    x[3, 1] = -INF  # target 0 on a -inf logit: NaN (0 * inf), as in torch
+    x[4, 5] = 30.0
+    q = torch.softmax(torch.randn(5, 6, dtype=torch.float64, device=device), 1)
+    q[3, 1] = 0
+    q[4] = 0
+    q[4, 5] = 1
+    g = torch.ones(5, dtype=torch.float64, device=device)
+    k = kernels(device)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, None, 0.0)
+    r_loss, _, _, r_grad = ref_soft(x, q, None, 0.0, g)
+    assert_close(loss, r_loss)
+    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0), r_grad)
+    assert torch.isnan(loss[:4]).all() and torch.isfinite(loss[4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ce_soft_half_types(device, dtype):
+    x = (torch.randn(4, 10, device=device) * 3).to(dtype)
+    q = torch.softmax(torch.randn(4, 10, device=device), 1).to(dtype)
+    g = torch.ones(4, device=device)
+    k = kernels(device)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, None, 0.1)
+    r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, None, 0.1, g)
+    assert loss.dtype == torch.float32
+    assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
+    grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.1)
+    assert grad.dtype == dtype
+    assert_close(grad, r_grad, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- plumbing
+def test_block_env_must_be_power_of_two(monkeypatch):
+    monkeypatch.setenv(BLOCK_ENV, "6")
+    with pytest.raises(ValueError, match=BLOCK_ENV):
+        max_block_c()
+    monkeypatch.setenv(BLOCK_ENV, "16")
+    assert max_block_c() == 16
+
+
+def test_interpreter_kernels_need_triton_interpret(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        se_triton.interpreter_kernels()
+
+
+def test_interpreter_kernels_namespace():
+    if not INTERPRETED:
+        pytest.skip("interpreter (CPU) path")
+    k = se_triton.interpreter_kernels()
+    assert sorted(vars(k)) == sorted(se_triton.OPS)
+
+
+def test_register_cuda_kernels_is_idempotent():
+    se_triton.register_cuda_kernels()
+    se_triton.register_cuda_kernels()
+
+
+# ---------------------------------------------------------------- GPU only
+@needs_cuda
+def test_cuda_dispatch_and_graph_capture():
+    """backend='auto' reaches the Triton kernels, and forward + backward capture in a CUDA graph
+    (any host synchronisation would make the capture fail)."""
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    t[::7] = -100
+
+    def step():
+        x.grad = None
+        loss = softmax_ext.cross_entropy(x, t, label_smoothing=0.1)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    xr = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
+    ref.backward()
+    assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-4)
+
+
+@needs_cuda
+def test_cuda_torch_compile():
+    """The operators trace with their fake kernels (fullgraph) and run the Triton kernels."""
+    x = torch.randn(32, 300, device="cuda")
+    t = torch.randint(0, 300, (32,), device="cuda")
+    se_triton.register_cuda_kernels()
+    op = torch.compile(lambda x, t: torch.ops.softmax_ext.ce_index_fwd(x, t, None, -100, True),
+                       fullgraph=True)
+    nll, smooth, lse = op(x, t)
+    r_nll, r_smooth, r_lse, _ = ref_index(x, t, None, -100, torch.ones(32, device="cuda"))
+    assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
+    assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+
+    xg = x.clone().requires_grad_()
+    fn = torch.compile(lambda x, t: softmax_ext.cross_entropy(x, t)
+                       + softmax_ext.log_softmax(x, 1).mean())
+    out = fn(xg, t)
+    out.backward()
+    xr = x.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t) + F.log_softmax(xr, 1).mean()
+    ref.backward()
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_close(xg.grad, xr.grad, atol=1e-6, rtol=1e-4)
+
+
+@needs_cuda
+def test_cuda_out_of_range_target_is_nan_not_a_crash():
+    if os.environ.get("TRITON_DEBUG", "0") not in ("", "0"):
+        pytest.skip("with TRITON_DEBUG the device assert fires instead")
+    k = kernels("cuda")
+    x = torch.randn(3, 5, device="cuda")
+    t = torch.tensor([0, 7, -3], device="cuda")
+    nll, _, lse = k.ce_index_fwd(x, t, None, -100, False)
+    grad = k.ce_index_bwd(torch.ones(3, device="cuda"), torch.ones(3, device="cuda"), x, t, None,
+                          lse, -100, False)
+    assert torch.isfinite(nll[0]) and torch.isnan(nll[1:]).all()
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_262144_classes(dtype):
+    n, c = 4, 262144
+    x = (torch.randn(n, c, device="cuda") * 2).to(dtype)
+    t = torch.tensor([0, c - 1, 12345, -100], device="cuda")
+    k = kernels("cuda")
+    gn = torch.full((n,), 0.5, device="cuda")
+    nll, smooth, lse = k.ce_index_fwd(x, t, None, -100, True)
+    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, None, -100, gn, gn)
+    assert_close(nll, r_nll, atol=1e-4, rtol=1e-5)
+    assert_close(smooth, r_smooth, atol=1e-4 * c, rtol=1e-5)
+    assert_close(lse, r_lse, atol=1e-4, rtol=1e-5)
+    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, True)
+    assert_close(grad, r_grad, atol=1e-6 if dtype == torch.float32 else 1e-4, rtol=1e-2)
+    y = k.softmax_fwd(x, 1, False)
+    assert_close(y, torch.softmax(x.double(), 1), atol=1e-7, rtol=1e-2)
+    q = torch.softmax(torch.randn(n, c, device="cuda"), 1).to(dtype)
+    loss, lse2, tsum = k.ce_soft_fwd(x, q, None, 0.1)
+    r_loss, _, _, r_sgrad = ref_soft(x, q, None, 0.1, gn)
+    assert_close(loss, r_loss, atol=1e-4, rtol=1e-5)
+    assert_close(k.ce_soft_bwd(gn, x, q, None, lse2, tsum, 0.1), r_sgrad, atol=1e-6, rtol=1e-2)
+
+
+@needs_cuda
+def test_cuda_2_31_elements():
+    """Logits with more than 2**31 elements: offsets of the last rows overflow int32."""
+    c = 32768
+    n = 2**31 // c + 3
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() >= 2**31
+    t = torch.randint(0, c, (n,), device="cuda")
+    k = kernels("cuda")
+    nll, _, lse = k.ce_index_fwd(x, t, None, -100, False)
+    tail = slice(n - 4, n)
+    gn = torch.ones(n, device="cuda")
+    r_nll, _, r_lse, r_grad = ref_index(x[tail], t[tail], None, -100, gn[tail])
+    assert_close(nll[tail], r_nll, atol=1e-4, rtol=1e-5)
+    assert_close(lse[tail], r_lse, atol=1e-4, rtol=1e-5)
+    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, False)
+    assert_close(grad[tail], r_grad, atol=1e-4, rtol=1e-2)
+    del grad
+    y = k.softmax_fwd(x, 1, True)
+    assert_close(y[tail], torch.log_softmax(x[tail].double(), 1), atol=5e-2, rtol=1e-2)
