@@ -66,6 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="Fashion-MNIST folder (softmax_ext.fashion_mnist.data finds it)")
     trainer.add_argument("--trainer-runs", default="d2l,fused,torch",
                          help="which trainers: d2l (the chapter's DataLoader recipe), fused, torch")
+    trainer.add_argument("--trainer-reps", type=int, default=1,
+                         help="rounds of the trainer runs (interleaved; medians reported)")
     trainer.add_argument("--trainer-timeout", type=float, default=3600.0,
                          help="seconds before one trainer run is stopped")
     return ap.parse_args(argv)
@@ -145,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folder = args.out if args.out is not None else RESULTS_ROOT / slug(device)
         return run_trainers(folder, device, epochs=args.epochs, data_dir=args.data_dir,
                             runs=[r.strip() for r in args.trainer_runs.split(",") if r.strip()],
-                            timeout_s=args.trainer_timeout)
+                            timeout_s=args.trainer_timeout, reps=args.trainer_reps)
     try:
         cfg = build_config(args)
     except (ValueError, RuntimeError) as err:
