@@ -39,19 +39,27 @@ def plot_curves(epochs: Sequence[dict], path: Path) -> Path:
 
 def plot_predictions(images: Tensor, true: Tensor, pred: Tensor, confidence: Tensor,
                      class_names: Sequence[str], path: Path, cols: int = 8) -> Path:
-    """A grid of test images titled "true / predicted (probability)"; mistakes in red."""
+    """A grid of test images titled "true / predicted (probability)"; mistakes in red.
+
+    The grid is one mosaic image on one axes (a subplot per image is ten times slower to draw).
+    """
     n = len(images)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.55 * cols, 1.9 * rows))
-    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
-        ax.axis("off")
-        if i >= n:
-            continue
-        ax.imshow(images[i].reshape(28, 28).cpu().numpy(), cmap="gray_r")
+    cell_w, cell_h, top = 36, 52, 21  # pixels per cell; the title sits in the top part
+    mosaic = np.zeros((rows * cell_h, cols * cell_w), dtype=np.float32)
+    pixels = images.reshape(n, 28, 28).float().cpu().numpy()
+    width = 1.45 * cols
+    fig, ax = plt.subplots(figsize=(width, width * rows * cell_h / (cols * cell_w) + 0.4))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y0, x0 = r * cell_h + top, c * cell_w + 4
+        mosaic[y0:y0 + 28, x0:x0 + 28] = pixels[i]
         t, p = int(true[i]), int(pred[i])
-        ax.set_title(f"{class_names[t]}\n{class_names[p]} ({confidence[i]:.0%})", fontsize=8,
-                     color="black" if t == p else "red")
-    fig.suptitle("test images: true label / predicted label (probability)", fontsize=9)
+        ax.text(x0 + 14, y0 - 2, f"{class_names[t]}\n{class_names[p]} ({float(confidence[i]):.0%})",
+                ha="center", va="bottom", fontsize=7.5, color="black" if t == p else "red")
+    ax.imshow(mosaic, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title("test images: true label / predicted label (probability)", fontsize=9)
     return _save(fig, path)
 
 

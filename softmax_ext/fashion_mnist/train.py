@@ -92,7 +92,7 @@ def make_config(args: argparse.Namespace, device: torch.device) -> dict:
         "lr": DEFAULT_LR[args.optimizer] if args.lr is None else args.lr,
         "optimizer": args.optimizer, "label_smoothing": args.label_smoothing, "seed": args.seed,
         "device": str(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "torch": str(torch.__version__), "cpu": platform.processor() or platform.machine(),
     }
 
 
