@@ -89,7 +89,7 @@ def ref_soft(x, q, w, eps, g):
 # ---------------------------------------------------------------- softmax
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("shape,dim", [((3, 9), 1), ((2, 5, 3), 1), ((5, 2), 0), ((4,), 0),
-                                       ((2, 3, 1), 2), ((3, 0), 1)])
+                                       ((2, 3, 1), 2), ((3, 0), 1), ((2, 3, 300), 1)])
 def test_softmax_matches_torch(device, block, shape, dim, log):
     x = torch.randn(shape, dtype=torch.float64, device=device)
     g = torch.randn(shape, dtype=torch.float64, device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,15 +38,18 @@ def max_block_c() -> int:
     return value
 
 
-def tile_shape(n_rows: int, n_classes: int) -> Tuple[int, int, bool]:
+def tile_shape(n_rows: int, n_classes: int, max_rows: Optional[int] = None
+               ) -> Tuple[int, int, bool]:
     """(BLOCK_R, BLOCK_C, SINGLE) for ``n_rows`` rows of ``n_classes`` classes.
 
     SINGLE is true when a whole row fits in one class block, so the row is loaded only once.
+    ``max_rows`` caps BLOCK_R (default :data:`MAX_BLOCK_R`).
     """
     cap = max_block_c()
     block_c = min(triton.next_power_of_2(max(n_classes, 1)), cap)
-    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, MAX_BLOCK_R))
-    return block_r, block_c, n_classes <= block_c
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c,
+                  max_rows or MAX_BLOCK_R)
+    return max(1, block_r), block_c, n_classes <= block_c
 
 
 def num_warps(block_r: int, block_c: int) -> int:

@@ -1,13 +1,15 @@
 """softmax / log_softmax forward and backward: Triton kernels beside their launchers.
 
 The input is viewed as (outer, C, inner). A "lane" is one (outer, inner) pair, i.e. one softmax
-vector whose C elements sit ``inner`` apart; lane l starts at (l // inner) * C * inner + l % inner.
-For the common last-dim case inner == 1 (Triton specialises it), lanes are contiguous rows and a
-program takes several of them when C is small.
+vector whose C elements sit ``inner`` apart. Each program takes a (BLOCK_R lanes, BLOCK_C classes)
+tile. Last-dim softmax (inner == 1): lanes are rows, contiguous along the classes, and a program
+takes several rows when C is small. Otherwise (STRIDED) a program takes BLOCK_R consecutive inner
+positions of one outer index, so the tile is contiguous along the lanes and loads coalesce there.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Tuple
 
 import torch
 import triton
@@ -17,20 +19,31 @@ from torch import Tensor
 from ._common import check_dtype, finite_shift, num_warps, on_device, online_lse_update, \
     tile_shape, upcast
 
+#: Most inner positions one program takes in the strided layout (wide tiles coalesce better).
+MAX_BLOCK_LANES = 256
+
 
 @triton.jit
-def _lane_offsets(pid, n_lanes, inner, lane_stride, BLOCK_R: tl.constexpr):
-    lanes = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return (lanes // inner) * lane_stride + lanes % inner, lanes < n_lanes
+def _lane_offsets(pid, n_lanes, inner, lane_stride, lane_blocks, STRIDED: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """Start offsets of this program's lanes and which of them exist."""
+    if STRIDED:
+        # lane_blocks programs cover the inner positions of one outer index.
+        pos = (pid % lane_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return (pid // lane_blocks).to(tl.int64) * lane_stride + pos, pos < inner
+    else:
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return rows * lane_stride, rows < n_lanes
 
 
 @triton.jit
 def _softmax_fwd_kernel(
-    x_ptr, y_ptr, n_lanes, C, inner, lane_stride,
-    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+    x_ptr, y_ptr, n_lanes, C, inner, lane_stride, lane_blocks,
+    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr, STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, BLOCK_R)
+    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks,
+                                  STRIDED, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
     s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
@@ -86,11 +99,12 @@ def _softmax_bwd_grad(g, y, r, LOG: tl.constexpr):
 
 @triton.jit
 def _softmax_bwd_kernel(
-    g_ptr, y_ptr, gi_ptr, n_lanes, C, inner, lane_stride,
-    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+    g_ptr, y_ptr, gi_ptr, n_lanes, C, inner, lane_stride, lane_blocks,
+    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr, STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, BLOCK_R)
+    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks,
+                                  STRIDED, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
         mask = lane_ok[:, None] & (cols[None, :] < C)
@@ -119,26 +133,27 @@ def _softmax_bwd_kernel(
             tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
-def _geometry(t: Tensor, dim: int):
-    """(n_lanes, C, inner) of a contiguous tensor viewed as (outer, C, inner) around ``dim``."""
+def _geometry(t: Tensor, dim: int) -> Tuple[int, int, int]:
+    """(outer, C, inner) of a contiguous tensor around ``dim``."""
     if t.dim() == 0:
         return 1, 1, 1
-    n_classes = t.shape[dim]
-    inner = math.prod(t.shape[dim + 1:])
-    outer = math.prod(t.shape[:dim])
-    return outer * inner, n_classes, inner
+    return math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])
 
 
-def _launch(kernel, tensors, out: Tensor, dim: int, log: bool) -> Tensor:
-    n_lanes, n_classes, inner = _geometry(out, dim)
+def _launch(kernel: Any, tensors: Tuple[Tensor, ...], out: Tensor, dim: int, log: bool) -> Tensor:
+    outer, n_classes, inner = _geometry(out, dim)
     if out.numel() == 0:
         return out
-    block_r, block_c, single = tile_shape(n_lanes, n_classes)
-    grid = (triton.cdiv(n_lanes, block_r),)
+    strided = inner > 1
+    block_r, block_c, single = tile_shape(inner if strided else outer, n_classes,
+                                          max_rows=MAX_BLOCK_LANES if strided else None)
+    lane_blocks = triton.cdiv(inner, block_r)
+    grid = (outer * lane_blocks if strided else triton.cdiv(outer, block_r),)
     with on_device(out):
         kernel[grid](
-            *tensors, out, n_lanes, n_classes, inner, n_classes * inner,
-            LOG=log, IS_F64=out.dtype == torch.float64, SINGLE=single,
+            *tensors, out, outer * inner, n_classes, inner,
+            n_classes * inner if strided else n_classes, lane_blocks,
+            LOG=log, IS_F64=out.dtype == torch.float64, SINGLE=single, STRIDED=strided,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
         )
     return out
