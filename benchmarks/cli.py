@@ -48,6 +48,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per (op, shape, dtype, direction) group before repetitions "
                          "are cut (default 60)")
+    ap.add_argument("--rep-ms", type=float, default=None,
+                    help="each timed repetition loops calls for about this long (default 20 CPU, "
+                         "10 GPU, 5 quick)")
+    ap.add_argument("--warmup-ms", type=float, default=None,
+                    help="minimum warm-up per implementation after its first call (default 50)")
     ap.add_argument("--copy-mib", type=int, default=None,
                     help="size of the copy-floor tensor in MiB (default 256 CPU, 1024 GPU)")
     ap.add_argument("--ext-backend", choices=("cpp", "triton", "torch"), default=None,
@@ -89,8 +94,9 @@ def build_config(args: argparse.Namespace) -> Config:
         reps=args.reps or (3 if quick else (20 if gpu else 10)),
         min_reps=args.min_reps or (2 if quick else 3),
         group_budget_s=args.budget or (10.0 if quick else 60.0),
-        rep_target_s=0.005 if quick else (0.01 if gpu else 0.02),
-        warmup_s=0.02 if quick else 0.05,
+        rep_target_s=args.rep_ms / 1e3 if args.rep_ms else
+        (0.005 if quick else (0.01 if gpu else 0.02)),
+        warmup_s=args.warmup_ms / 1e3 if args.warmup_ms else (0.02 if quick else 0.05),
         copy_mib=args.copy_mib or (64 if quick else (1024 if gpu else 256)),
         memory=not args.no_memory,
         plots=not args.no_plots,

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import threading
 import time
 from typing import Callable, Optional, Tuple
@@ -100,7 +99,6 @@ def _release_free_heap() -> None:
 
 def rss_growth(fn: Fn, inputs: Inputs) -> Tuple[int, str]:
     """(peak RSS growth in bytes during one forward+backward, the method used)."""
-    gc.collect()
     _release_free_heap()
     if _reset_peak_rss():
         import psutil
@@ -115,7 +113,6 @@ def rss_growth(fn: Fn, inputs: Inputs) -> Tuple[int, str]:
 
 def cuda_peak(fn: Fn, inputs: Inputs, device: torch.device) -> int:
     """Peak CUDA allocation during one forward+backward above what was allocated before."""
-    gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

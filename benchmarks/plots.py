@@ -33,8 +33,10 @@ def _present(records: List[dict], key: str, order) -> list:
     return [k for k in order if k in seen] + sorted(seen - set(order))
 
 
-def plot_classes(records: List[dict], op: str, path: Path, title: str) -> Path:
-    """Time and bandwidth against the shapes (ordered by classes) for one op."""
+def plot_classes(records: List[dict], op: str, path: Path, title: str,
+                 copy_gbps: float = 0.0) -> Path:
+    """Time and bandwidth against the shapes (ordered by classes) for one op; the copy
+    bandwidth as a grey line on the bandwidth panels."""
     plt = _plt()
     rs = [r for r in records if r["op"] == op]
     directions = _present(rs, "direction", DIRECTIONS)
@@ -68,7 +70,12 @@ def plot_classes(records: List[dict], op: str, path: Path, title: str) -> Path:
                 ax.set_title(f"{op} {direction}")
             else:
                 ax.set_xlabel("shape N x C, ordered by number of classes C")
+                if copy_gbps:
+                    ax.axhline(copy_gbps, color="grey", linewidth=2, alpha=0.6,
+                               label="copy bandwidth")
     axes[0][0].legend(fontsize=7)
+    if copy_gbps:
+        axes[1][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -124,8 +131,8 @@ def write_plots(doc: dict, folder: Path) -> List[Path]:
         return []
     machine = doc.get("machine", {})
     title = f"{machine.get('device', '')}, torch {machine.get('torch', '')}"
-    paths = [plot_classes(records, op, folder / f"classes_{op}.png", title)
+    copy_gbps = machine.get("copy_gbps") or 0.0
+    paths = [plot_classes(records, op, folder / f"classes_{op}.png", title, copy_gbps)
              for op in _present(records, "op", OPS)]
-    paths.append(plot_scaling(records, machine.get("copy_gbps") or 0.0, folder / "scaling.png",
-                              title))
+    paths.append(plot_scaling(records, copy_gbps, folder / "scaling.png", title))
     return paths

@@ -34,10 +34,17 @@ def _err_text(err: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+# Below this many bytes of logits, skip gc.collect() between measurements: it costs ~0.1-0.3 s
+# with torch loaded, far more than the small measurement itself.
+_COLLECT_BYTES = 32 << 20
+
+
+def _free(device: torch.device, nbytes: int = _COLLECT_BYTES) -> None:
+    """Release what the last measurement left (cycles included) before a big next one."""
+    if nbytes >= _COLLECT_BYTES:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def impl_key(name: str) -> str:
@@ -112,6 +119,7 @@ class Sweep:
         cfg, device = self.cfg, self.cfg.device
         dtype = DTYPES[dtype_name]
         where = {"op": op, "rows": rows, "classes": classes, "dtype": dtype_name}
+        size = rows * classes * bandwidth.element_size(dtype)
         impls = [i for i in self.impls if op in i.ops]
         if not impls:
             return
@@ -119,7 +127,7 @@ class Sweep:
             inputs = make_inputs(op, rows, classes, dtype, device, cfg.seed)
         except Exception as err:  # e.g. the shape does not fit in memory
             self.error({**where, "direction": "*"}, "*", err)
-            _free(device)
+            _free(device, size)
             return
         peers.fresh_compile_cache()
         fns, own = {}, {}
@@ -131,15 +139,15 @@ class Sweep:
                 self.error({**where, "direction": "*"}, impl.name, err)
         for direction in cfg.directions:
             self.measure_direction(where, direction, impls, fns, own, copy_gbps, dtype)
-            _free(device)
         del inputs, fns, own
-        _free(device)
+        _free(device, size)
 
     def measure_direction(self, where: dict, direction: str, impls: list, fns: dict,
                           own: Dict[str, Inputs], copy_gbps: float, dtype: torch.dtype) -> None:
         """Warm up, calibrate and time every implementation of one direction, interleaved."""
         cfg = self.cfg
         where = {**where, "direction": direction}
+        size = where["rows"] * where["classes"] * bandwidth.element_size(dtype)
         steps, cals = {}, {}
         for impl in impls:
             if impl.name not in fns:
@@ -151,14 +159,14 @@ class Sweep:
             except Exception as err:
                 steps.pop(impl.name, None)
                 self.error(where, impl.name, err)
-                _free(cfg.device)
+                _free(cfg.device, size)
         if not steps:
             return
         reps = choose_reps(cfg, cals, direction)
         samples = interleaved(steps, {n: c.inner for n, c in cals.items()}, self.timer, reps,
                               on_error=lambda name, err: self.error(where, name, err))
         del steps
-        _free(cfg.device)
+        _free(cfg.device, size)
         nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"],
                                      dtype)
         line = []
@@ -176,7 +184,7 @@ class Sweep:
                     rec.update(memory.measure(fns[impl.name], own[impl.name], cfg.device))
                 except Exception as err:
                     self.error({**where, "what": "memory"}, impl.name, err)
-                _free(cfg.device)
+                _free(cfg.device, size)
             self.records.append(rec)
             line.append(f"{impl.name} {stats['median_ms']:.3f} ms")
         self.log(f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
