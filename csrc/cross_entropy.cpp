@@ -26,9 +26,6 @@ SME_INLINE A safe_shift(A m) {
   return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
 }
 
-SME_INLINE void check_target(int64_t t, int64_t C) {
-  TORCH_CHECK_INDEX(t >= 0 && t < C, "Target ", t, " is out of bounds.");
-}
 
 // Running statistics of one row: m + log(s) is its log-sum-exp.
 template <typename A>
@@ -72,8 +69,7 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     const int64_t t = a.target[i * a.target_stride];
-    const bool ignored = t == a.ignore_index;
-    if (!ignored) check_target(t, a.C);
+    const bool ignored = t == a.ignore_index;  // other targets were range-checked up front
     RowStats<A> st;
     A wdot = 0;
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
@@ -124,7 +120,6 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
       std::memset(static_cast<void*>(gr), 0, a.C * sizeof(T));
       continue;
     }
-    check_target(t, a.C);
     const A gn = static_cast<const A*>(a.grad_nll)[i * a.gn_stride];
     const A gs = a.with_smooth ? static_cast<const A*>(a.grad_smooth)[i * a.gs_stride] : A(0);
     const A gt = gn * (w ? w[t] : A(1));  // weight of the true-class term
@@ -231,11 +226,21 @@ void check_logits(const at::Tensor& x, const char* op) {
               ": logits must have unit class stride");
 }
 
-void check_index_target(const at::Tensor& x, const at::Tensor& target, const char* op) {
+// Shape, dtype and range of class-index targets. The range check runs here, before the kernels:
+// an exception must not unwind through the ISA-cloned kernels (it would terminate the process),
+// and checking first also reports the first bad target, deterministically, as PyTorch does.
+void check_index_target(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index,
+                        const char* op) {
   TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_ext::", op,
               ": expected int64 targets, got ", target.scalar_type());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "softmax_ext::", op,
               ": target must be (rows,) = (", x.size(0), ",), got ", target.sizes());
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const int64_t n = target.size(0), stride = target.stride(0), C = x.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = t[i * stride];
+    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < C), "Target ", v, " is out of bounds.");
+  }
 }
 
 void check_soft_target(const at::Tensor& x, const at::Tensor& target, const char* op) {
@@ -273,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& lo
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, bool with_smooth) {
   check_logits(logits, "ce_index_fwd");
-  check_index_target(logits, target, "ce_index_fwd");
+  check_index_target(logits, target, ignore_index, "ce_index_fwd");
   auto [w, W] = prepared_weight(weight, logits, "ce_index_fwd");
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
@@ -292,7 +297,7 @@ at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smoot
                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, int64_t ignore_index, bool with_smooth) {
   check_logits(logits, "ce_index_bwd");
-  check_index_target(logits, target, "ce_index_bwd");
+  check_index_target(logits, target, ignore_index, "ce_index_bwd");
   auto [w, W] = prepared_weight(weight, logits, "ce_index_bwd");
   const at::Tensor gn = per_row(grad_nll, logits, "grad_nll");
   const at::Tensor gs = per_row(grad_smooth, logits, "grad_smooth");

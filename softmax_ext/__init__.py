@@ -3,9 +3,14 @@
 C++ kernels serve CPU tensors, Triton kernels CUDA tensors; both sit behind torch.library operators
 wrapped in autograd Functions. The public API mirrors PyTorch's names and signatures.
 """
+from . import _cpp
 from . import ops as _ops  # noqa: F401  (defines the torch.library operators)
 from .functional import cross_entropy, log_softmax, softmax
 from .nn import CrossEntropyLoss, LogSoftmax, Softmax
+
+# Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once;
+# a missing build is JIT-compiled only when a CPU kernel is first needed.
+_cpp.try_import_built()
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax"]
 __version__ = "0.1.0"

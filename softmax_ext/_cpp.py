@@ -31,6 +31,18 @@ def _jit_build() -> None:
          verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")))
 
 
+def try_import_built() -> bool:
+    """Import the ahead-of-time build if there is one (cheap); never JIT-compiles."""
+    global _loaded
+    if not _loaded:
+        try:
+            from . import _C  # noqa: F401
+        except ImportError:
+            return False
+        _loaded = True
+    return True
+
+
 def load() -> None:
     """Make sure the CPU kernels are registered with the dispatcher (idempotent, cheap)."""
     global _loaded

@@ -34,6 +34,11 @@ def _check_floating(input: Tensor, op: str) -> None:
 
 def _index_target_checks(input: Tensor, target: Tensor) -> None:
     """PyTorch's nll_loss_nd checks of class-index targets against the input's shape."""
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError(
+            "0D or 1D target tensor expected, multi-target not supported "
+            f"(input {list(input.shape)}, target {list(target.shape)})"
+        )
     if target.dtype not in (torch.long, torch.uint8):
         raise RuntimeError(
             f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}"
@@ -45,11 +50,6 @@ def _index_target_checks(input: Tensor, target: Tensor) -> None:
                 f"got a target of shape {list(target.shape)}"
             )
         return
-    if input.dim() == 2 and target.dim() != 1:
-        raise RuntimeError(
-            "0D or 1D target tensor expected, multi-target not supported "
-            f"(input {list(input.shape)}, target {list(target.shape)})"
-        )
     if target.dim() == 0 or input.shape[0] != target.shape[0]:
         tb = target.shape[0] if target.dim() > 0 else "none"
         raise ValueError(
