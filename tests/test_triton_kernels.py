@@ -150,7 +150,7 @@ def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, with_s
     nll, smooth, lse = k.ce_index_fwd(x, t, w, ignore_index, with_smooth)
     r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, w, ignore_index, gn,
                                                gs if with_smooth else None)
-    assert nll.dtype == smooth.dtype == lse.dtype == torch.float64
+    assert nll.dtype == smooth.dtype == lse.dtype == torch.float64  # lse: float64 always
     assert_close(nll, r_nll)
     assert_close(lse, r_lse)
     assert_close(smooth, r_smooth if with_smooth else torch.zeros_like(r_smooth))
@@ -209,7 +209,7 @@ def test_ce_index_half_types(device, block, dtype):
     gn = torch.ones((), device=device).expand(n)
     k = kernels(device)
     nll, smooth, lse = k.ce_index_fwd(x, t, None, -100, True)
-    assert nll.dtype == smooth.dtype == lse.dtype == torch.float32
+    assert nll.dtype == smooth.dtype == torch.float32 and lse.dtype == torch.float64
     r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, None, -100, gn.double(), gn.double())
     assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
     assert_close(smooth, r_smooth, atol=1e-4, rtol=1e-5)
@@ -221,6 +221,22 @@ def test_ce_index_half_types(device, block, dtype):
     _, _, _, r_nll_grad = ref_index(x, t, None, -100, gn.double())
     g_nll = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, False)
     assert abs(float(g_nll[0, 4]) / float(r_nll_grad[0, 4]) - 1) < 1e-2
+
+
+def test_ce_large_logits_keep_gradient_accuracy(device, block):
+    """The float64 lse (split hi + lo in the backward) keeps p exact for logits near 1e4."""
+    x = (1e4 + torch.randn(4, 9, device=device)).float()
+    t = torch.tensor([0, 3, 8, 5], device=device)
+    g = torch.ones(4, device=device)
+    k = kernels(device)
+    _, _, lse = k.ce_index_fwd(x, t, None, -100, False)
+    assert lse.dtype == torch.float64
+    grad = k.ce_index_bwd(g, g, x, t, None, lse, -100, False)
+    assert_close(grad, ref_index(x, t, None, -100, g)[3], atol=1e-6, rtol=1e-5)
+    q = torch.softmax(torch.randn(4, 9, device=device), 1)
+    _, lse, tsum = k.ce_soft_fwd(x, q, None, 0.0)
+    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0), ref_soft(x, q, None, 0.0, g)[3],
+                 atol=1e-6, rtol=1e-5)
 
 
 def test_ce_index_bad_targets_raise_on_cpu():
@@ -290,7 +306,7 @@ def test_ce_soft_half_types(device, dtype):
     k = kernels(device)
     loss, lse, tsum = k.ce_soft_fwd(x, q, None, 0.1)
     r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, None, 0.1, g)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == tsum.dtype == torch.float32 and lse.dtype == torch.float64
     assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
     grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.1)
     assert grad.dtype == dtype

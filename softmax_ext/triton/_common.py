@@ -138,3 +138,20 @@ def online_lse_update(m, s, x, mask):
 def finite_shift(m):
     """The row max used as shift: 0 for an all -inf (or empty) row, so x - shift stays -inf."""
     return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def lse_to_f64(m, log_s):
+    """The row log-sum-exp in float64: the max is exact, so only log(sum) carries rounding."""
+    return m.to(tl.float64) + log_s.to(tl.float64)
+
+
+@triton.jit
+def split_lse(lse, IS_F64: tl.constexpr):
+    """A float64 log-sum-exp as hi + lo in the accumulation dtype, for exp((x - hi) - lo).
+
+    With float32 accumulation this keeps p = exp(x - lse) accurate for logits near 1e4, where a
+    float32 lse alone would lose four digits.
+    """
+    hi = upcast(lse, IS_F64)
+    return hi, upcast(lse - hi.to(tl.float64), IS_F64)

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, check_dtype, check_targets, finite_shift, num_warps, on_device, \
-    online_lse_update, tile_shape, unit_class_stride, upcast
+from ._common import acc_dtype, check_dtype, check_targets, finite_shift, lse_to_f64, num_warps, \
+    on_device, online_lse_update, split_lse, tile_shape, unit_class_stride, upcast
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _ce_index_fwd_kernel(
     smooth = tl.where(ignored, 0.0, smooth)
     tl.store(nll_ptr + rows, nll, mask=row_ok)
     tl.store(smooth_ptr + rows, smooth, mask=row_ok)
-    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+    tl.store(lse_ptr + rows, lse_to_f64(m, log_s), mask=row_ok)
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _ce_index_bwd_kernel(
     x_rows = x_ptr + rows * stride_x
     gx_rows = gx_ptr + rows * C
     t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
-    lse = upcast(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
+    hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
     scale = upcast(tl.load(gn_ptr + rows * stride_gn, mask=row_ok, other=0.0), IS_F64)
     if HAS_WEIGHT:
         scale *= tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
@@ -114,7 +114,7 @@ def _ce_index_bwd_kernel(
         c = c0 + cols
         mask = row_ok[:, None] & (c[None, :] < C)
         x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
-        p = tl.exp(x - lse[:, None])
+        p = tl.exp((x - hi[:, None]) - lo[:, None])
         # p - onehot stays in the accumulation dtype until the final store.
         grad = scale[:, None] * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
         if WITH_SMOOTH:
@@ -141,8 +141,8 @@ def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     """Per-row (nll, smooth, lse) of (rows, C) ``logits`` against int64 ``target``.
 
     nll = w[t] * (lse - x[t]); smooth = sum_c w[c] * (lse - x[c]) (zeros unless ``with_smooth``);
-    rows whose target is ``ignore_index`` get nll = smooth = 0. Outputs are in the accumulation
-    dtype (float64 for float64 logits, float32 otherwise).
+    rows whose target is ``ignore_index`` get nll = smooth = 0. nll and smooth are in the
+    accumulation dtype (float64 for float64 logits, float32 otherwise), lse always in float64.
     """
     check_dtype(logits, "logits")
     _check_weight(weight, logits)
@@ -150,7 +150,8 @@ def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     n_rows, n_classes = logits.shape
     check_targets(target, n_classes, ignore_index)
     acc = acc_dtype(logits.dtype)
-    nll, smooth, lse = (logits.new_empty((n_rows,), dtype=acc) for _ in range(3))
+    nll, smooth = (logits.new_empty((n_rows,), dtype=acc) for _ in range(2))
+    lse = logits.new_empty((n_rows,), dtype=torch.float64)
     if n_rows == 0:
         return nll, smooth, lse
     block_r, block_c, single = tile_shape(n_rows, n_classes)
@@ -173,8 +174,8 @@ def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: 
 
     grad = gn * w[t] * (p - onehot(t)) + gs * (W * p - w) (the last term only with
     ``with_smooth``), p = exp(x - lse), W = sum(w); ignored rows get exactly 0. ``grad_nll`` and
-    ``grad_smooth`` may be stride-0 expansions of a scalar. Returns contiguous (rows, C) in the
-    logits' dtype.
+    ``grad_smooth`` may be stride-0 expansions of a scalar; ``lse`` is the forward's (float64).
+    Returns contiguous (rows, C) in the logits' dtype.
     """
     check_dtype(logits, "logits")
     _check_weight(weight, logits)
@@ -184,6 +185,7 @@ def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: 
     grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
         return grad
+    lse = lse.to(torch.float64)
     with_smooth = bool(with_smooth)
     # sum(w) as a device tensor: no host synchronisation.
     wsum = weight.sum() if (weight is not None and with_smooth) else lse

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, check_dtype, finite_shift, num_warps, on_device, \
-    online_lse_update, tile_shape, unit_class_stride, upcast
+from ._common import acc_dtype, check_dtype, finite_shift, lse_to_f64, num_warps, on_device, \
+    online_lse_update, split_lse, tile_shape, unit_class_stride, upcast
 from .cross_entropy import _check_weight
 
 
@@ -74,7 +74,7 @@ def _ce_soft_fwd_kernel(
                            axis=1)
             tsum += tl.sum(tl.where(mask, wq, 0.0), axis=1)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+    tl.store(lse_ptr + rows, lse_to_f64(m, log_s), mask=row_ok)
     tl.store(tsum_ptr + rows, tsum, mask=row_ok)
 
 
@@ -91,7 +91,7 @@ def _ce_soft_bwd_kernel(
     gx_rows = gx_ptr + rows * C
     keep, spread = _smoothing(eps, C, IS_F64)
     g = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
-    lse = upcast(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
+    hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
     tsum = upcast(tl.load(tsum_ptr + rows * stride_tsum, mask=row_ok, other=0.0), IS_F64)
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
@@ -102,7 +102,7 @@ def _ce_soft_bwd_kernel(
         wq = wq * keep + spread
         if HAS_WEIGHT:
             wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
-        grad = g[:, None] * (tsum[:, None] * tl.exp(x - lse[:, None]) - wq)
+        grad = g[:, None] * (tsum[:, None] * tl.exp((x - hi[:, None]) - lo[:, None]) - wq)
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -119,7 +119,7 @@ def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
     """Per-row (loss, lse, tsum) of (rows, C) ``logits`` against (rows, C) probabilities.
 
     q = (1 - eps) * target + eps / C; loss = sum_c w[c] q[c] (lse - x[c]); tsum = sum_c w[c] q[c].
-    Outputs are in the accumulation dtype.
+    loss and tsum are in the accumulation dtype, lse in float64.
     """
     check_dtype(logits, "logits")
     _check_target(target, logits)
@@ -127,7 +127,8 @@ def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
     logits, target = unit_class_stride(logits), unit_class_stride(target)
     n_rows, n_classes = logits.shape
     acc = acc_dtype(logits.dtype)
-    loss, lse, tsum = (logits.new_empty((n_rows,), dtype=acc) for _ in range(3))
+    loss, tsum = (logits.new_empty((n_rows,), dtype=acc) for _ in range(2))
+    lse = logits.new_empty((n_rows,), dtype=torch.float64)
     if n_rows == 0:
         return loss, lse, tsum
     block_r, block_c, single = tile_shape(n_rows, n_classes)
@@ -146,8 +147,8 @@ def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optio
                 lse: Tensor, tsum: Tensor, label_smoothing: float) -> Tensor:
     """d/dlogits of sum_i grad_loss[i] * loss[i]: g * (tsum * p - w * q), p = exp(x - lse).
 
-    ``grad_loss`` may be a stride-0 expansion of a scalar. Returns contiguous (rows, C) in the
-    logits' dtype.
+    ``grad_loss`` may be a stride-0 expansion of a scalar; ``lse`` is the forward's (float64).
+    Returns contiguous (rows, C) in the logits' dtype.
     """
     check_dtype(logits, "logits")
     _check_target(target, logits)
@@ -157,6 +158,7 @@ def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optio
     grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
         return grad
+    lse = lse.to(torch.float64)
     block_r, block_c, _ = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_soft_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
