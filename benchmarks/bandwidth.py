@@ -37,24 +37,35 @@ def min_bytes(op: str, direction: str, rows: int, classes: int, dtype: torch.dty
 
 
 def copy_bandwidth(device: torch.device, mib: int = 256, reps: int = 10) -> dict:
-    """Median bandwidth of ``dst.copy_(src)`` for a ``mib`` MiB float32 tensor (read + write).
+    """Bandwidth of copying a ``mib`` MiB float32 tensor (bytes = read + write), two ways:
 
-    Returns {"copy_gbps": GB/s (1e9 bytes), "copy_mib": mib, "copy_ms": median ms per copy,
-    "copy_gbps_min", "copy_gbps_max"}.
+    * ``copy_gbps``: ``dst.copy_(src)`` into a preallocated tensor: the floor of the targets;
+    * ``clone_gbps``: ``src.clone()``, a freshly allocated destination each time. On a CPU the
+      fresh pages fault in on first touch (the kernel zeroes them), which can cost several times
+      the copy itself; every op that returns a new N x C tensor (a gradient) pays this too.
+
+    Returns medians (GB/s, 1e9 bytes) with min/max, "copy_ms" and "copy_mib".
     """
     numel = mib * (1 << 20) // 4
     src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     timer = make_timer(device)
-    step = Step(run=lambda: dst.copy_(src))
+    copy, clone = Step(run=lambda: dst.copy_(src)), Step(run=src.clone)
     for _ in range(2):
-        timer.measure(step, 1)
-    times = [timer.measure(step, 1) for _ in range(reps)]
+        timer.measure(copy, 1)
+        timer.measure(clone, 1)
+    times: dict = {"copy": [], "clone": []}
+    for _ in range(reps):  # interleaved, like everything else
+        times["copy"].append(timer.measure(copy, 1))
+        times["clone"].append(timer.measure(clone, 1))
     moved = 2 * numel * 4
-    med = statistics.median(times)
+    out = {"copy_mib": mib, "copy_ms": statistics.median(times["copy"]) * 1e3}
+    for kind, ts in times.items():
+        out[f"{kind}_gbps"] = moved / statistics.median(ts) / 1e9
+        out[f"{kind}_gbps_min"] = moved / max(ts) / 1e9
+        out[f"{kind}_gbps_max"] = moved / min(ts) / 1e9
     del src, dst
-    return {"copy_gbps": moved / med / 1e9, "copy_mib": mib, "copy_ms": med * 1e3,
-            "copy_gbps_min": moved / max(times) / 1e9, "copy_gbps_max": moved / min(times) / 1e9}
+    return out
 
 
 def achieved(bytes_moved: int, seconds: float, copy_gbps: float) -> tuple:

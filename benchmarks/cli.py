@@ -91,9 +91,9 @@ def build_config(args: argparse.Namespace) -> Config:
         shapes=parse_shapes(args.shapes) if args.shapes else default_shapes(device, quick),
         dtypes=parse_choices(args.dtypes, list(DTYPES), "dtype", DTYPE_ALIASES) if args.dtypes
         else (("float32",) if quick else ("float32", "bfloat16")),
-        reps=args.reps or (3 if quick else (20 if gpu else 10)),
+        reps=args.reps or (3 if quick else (15 if args.suite == "core" else (20 if gpu else 10))),
         min_reps=args.min_reps or (2 if quick else 3),
-        group_budget_s=args.budget or (10.0 if quick else 60.0),
+        group_budget_s=args.budget or (10.0 if quick else (120.0 if args.suite == "core" else 60.0)),
         rep_target_s=args.rep_ms / 1e3 if args.rep_ms else
         (0.005 if quick else (0.01 if gpu else 0.02)),
         warmup_s=args.warmup_ms / 1e3 if args.warmup_ms else (0.02 if quick else 0.05),
@@ -126,7 +126,8 @@ def run_kernels(cfg: Config) -> int:
         path = report.write_json(doc, folder / report.CORE)
     else:
         doc = Sweep(cfg).run()
-        doc["targets"] = evaluate(doc["records"], doc["machine"]["copy_gbps"])
+        doc["targets"] = evaluate(doc["records"], doc["machine"]["copy_gbps"],
+                                  doc["machine"].get("clone_gbps"))
         path = report.write_json(doc, folder / report.RESULTS)
         if cfg.plots:
             from .plots import write_plots

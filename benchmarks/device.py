@@ -93,6 +93,14 @@ def _liger_version() -> Optional[str]:
         return None
 
 
+def _thp() -> Optional[str]:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     """Everything needed to interpret the numbers later (copy bandwidth is added by the caller)."""
     info = {
@@ -112,6 +120,12 @@ def machine_info(device: torch.device) -> dict:
         "git_commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # Environment that changes CPU allocation or threading (and so the numbers).
+    info["env"] = {k: v for k, v in os.environ.items()
+                   if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
+                            "LD_PRELOAD", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES",
+                            "TORCHINDUCTOR_FREEZING") or k.startswith("MALLOC_")}
+    info["transparent_hugepages"] = _thp()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,

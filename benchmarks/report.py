@@ -88,13 +88,18 @@ def machine_section(machine: dict) -> List[str]:
     """The machine a document was measured on, as a small table."""
     keys = [("device", "device"), ("cpu_model", "CPU"), ("threads", "torch threads"),
             ("torch", "torch"), ("triton", "triton"), ("liger_kernel", "Liger-Kernel"),
-            ("copy_gbps", "copy bandwidth (GB/s, read+write)"), ("timer", "timer"),
+            ("copy_gbps", "copy bandwidth (GB/s, read+write)"),
+            ("clone_gbps", "copy into fresh memory, clone() (GB/s)"),
+            ("transparent_hugepages", "transparent huge pages"), ("env", "environment"),
+            ("timer", "timer"),
             ("git_commit", "commit"), ("date", "date")]
     rows = []
     for key, label in keys:
         v = machine.get(key)
-        if v is None:
+        if v is None or v == {} or v == []:
             continue
+        if isinstance(v, dict):
+            v = " ".join(f"{k}={x}" for k, x in v.items())
         rows.append([label, f"{v:.1f}" if isinstance(v, float) else str(v)])
     if machine.get("copy_gbps_end") is not None:
         rows.append(["copy bandwidth at the end (GB/s)", f"{machine['copy_gbps_end']:.1f}"])

@@ -93,12 +93,14 @@ class Sweep:
                  f"{machine['torch']}")
         copy = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)
         machine.update(copy)
-        self.log(f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write)")
+        self.log(f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write; "
+                 f"into fresh memory: {copy['clone_gbps']:.1f} GB/s)")
         for rows, classes in cfg.shapes:
             for dtype_name in cfg.dtypes:
                 for op in cfg.ops:
                     self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
-        machine["copy_gbps_end"] = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)["copy_gbps"]
+        end = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)
+        machine["copy_gbps_end"], machine["clone_gbps_end"] = end["copy_gbps"], end["clone_gbps"]
         add_speedups(self.records)
         return {
             "machine": machine,
