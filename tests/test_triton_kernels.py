@@ -6,7 +6,6 @@ does) and on CUDA tensors when a GPU is present and the interpreter is off. A ti
 References are float64 PyTorch computations.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -374,6 +373,37 @@ def test_cuda_dispatch_and_graph_capture():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_opcheck(dtype):
+    """Fake kernels (ops.py) and the Triton CUDA kernels agree on dtypes, shapes and strides."""
+    se_triton.register_cuda_kernels()
+    ops_ = torch.ops.softmax_ext
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(6, 11, device="cuda", dtype=dtype)
+    t = torch.tensor([0, 3, -100, 10, 2, 2], device="cuda")
+    w = torch.rand(11, device="cuda", dtype=acc)
+    g = torch.randn(6, device="cuda", dtype=acc)
+    p = torch.rand(6, 11, device="cuda").softmax(1).to(dtype)
+    _, _, lse = ops_.ce_index_fwd(x, t, w, -100, True)
+    _, lse_s, tsum = ops_.ce_soft_fwd(x, p, w, 0.1)
+    y = ops_.softmax_fwd(x, 1, False)
+    cases = [
+        (ops_.softmax_fwd, (torch.randn(3, 5, 4, device="cuda", dtype=dtype), 1, False)),
+        (ops_.softmax_fwd, (torch.randn(3, 5, 4, device="cuda", dtype=dtype), 2, True)),
+        (ops_.softmax_bwd, (torch.randn(6, 11, device="cuda", dtype=dtype), y, 1, False)),
+        (ops_.ce_index_fwd, (x, t, w, -100, True)),
+        (ops_.ce_index_fwd, (x[:, :7], torch.tensor([9, 0, 3, -100, 6, 2, 2], device="cuda")[1:],
+                             None, -100, False)),
+        (ops_.ce_index_bwd, (g, g.clone(), x, t, w, lse, -100, True)),
+        (ops_.ce_index_bwd, (g[:1].expand(6), g, x, t, None, lse, -100, False)),
+        (ops_.ce_soft_fwd, (x, p, None, 0.0)),
+        (ops_.ce_soft_bwd, (g, x, p, w, lse_s, tsum, 0.1)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@needs_cuda
 def test_cuda_torch_compile():
     """The operators trace with their fake kernels (fullgraph) and run the Triton kernels."""
     x = torch.randn(32, 300, device="cuda")
@@ -400,8 +430,10 @@ def test_cuda_torch_compile():
 
 @needs_cuda
 def test_cuda_out_of_range_target_is_nan_not_a_crash():
-    if os.environ.get("TRITON_DEBUG", "0") not in ("", "0"):
-        pytest.skip("with TRITON_DEBUG the device assert fires instead")
+    import triton
+
+    if triton.knobs.runtime.debug:
+        pytest.skip("in Triton's debug mode the device assert fires instead")
     k = kernels("cuda")
     x = torch.randn(3, 5, device="cuda")
     t = torch.tensor([0, 7, -3], device="cuda")

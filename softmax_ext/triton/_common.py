@@ -4,8 +4,6 @@ Every kernel works on a 2-D tile: axis 0 are independent rows (``BLOCK_R`` of th
 axis 1 the classes (``BLOCK_C`` at a time). A row that fits in one class block is read once
 (single-block path); wider rows are walked block by block with an online log-sum-exp.
 """
-from __future__ import annotations
-
 import contextlib
 import os
 import warnings
@@ -67,6 +65,16 @@ def check_dtype(t: torch.Tensor, what: str) -> None:
     """Raise TypeError unless ``t`` is one of the four supported floating dtypes."""
     if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"softmax_ext (triton): unsupported {what} dtype {t.dtype}")
+
+
+def check_weight(weight: Optional[torch.Tensor], logits: torch.Tensor) -> None:
+    """Raise ValueError unless ``weight`` is None or (C,) in the logits' accumulation dtype."""
+    if weight is not None and (weight.dtype != acc_dtype(logits.dtype) or weight.dim() != 1
+                               or weight.shape[0] != logits.shape[1]):
+        raise ValueError(
+            f"softmax_ext (triton): weight must be ({logits.shape[1]},) "
+            f"{acc_dtype(logits.dtype)}, got {tuple(weight.shape)} {weight.dtype}"
+        )
 
 
 def unit_class_stride(t: torch.Tensor) -> torch.Tensor:

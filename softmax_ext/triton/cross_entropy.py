@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, check_dtype, check_targets, finite_shift, lse_to_f64, num_warps, \
-    on_device, online_lse_update, split_lse, tile_shape, unit_class_stride, upcast
+from ._common import (acc_dtype, check_dtype, check_targets, check_weight, finite_shift,
+                      lse_to_f64, num_warps, on_device, online_lse_update, split_lse, tile_shape,
+                      unit_class_stride, upcast)
 
 
 @triton.jit
@@ -127,15 +128,6 @@ def _ce_index_bwd_kernel(
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_weight(weight: Optional[Tensor], logits: Tensor) -> None:
-    if weight is not None and (weight.dtype != acc_dtype(logits.dtype) or weight.dim() != 1
-                               or weight.shape[0] != logits.shape[1]):
-        raise ValueError(
-            f"softmax_ext (triton): weight must be ({logits.shape[1]},) "
-            f"{acc_dtype(logits.dtype)}, got {tuple(weight.shape)} {weight.dtype}"
-        )
-
-
 def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                  with_smooth: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row (nll, smooth, lse) of (rows, C) ``logits`` against int64 ``target``.
@@ -145,7 +137,7 @@ def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     accumulation dtype (float64 for float64 logits, float32 otherwise), lse always in float64.
     """
     check_dtype(logits, "logits")
-    _check_weight(weight, logits)
+    check_weight(weight, logits)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
     check_targets(target, n_classes, ignore_index)
@@ -178,7 +170,7 @@ def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: 
     Returns contiguous (rows, C) in the logits' dtype.
     """
     check_dtype(logits, "logits")
-    _check_weight(weight, logits)
+    check_weight(weight, logits)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
     check_targets(target, n_classes, ignore_index)

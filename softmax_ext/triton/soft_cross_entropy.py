@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, check_dtype, finite_shift, lse_to_f64, num_warps, on_device, \
-    online_lse_update, split_lse, tile_shape, unit_class_stride, upcast
-from .cross_entropy import _check_weight
+from ._common import (acc_dtype, check_dtype, check_weight, finite_shift, lse_to_f64, num_warps,
+                      on_device, online_lse_update, split_lse, tile_shape, unit_class_stride,
+                      upcast)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
     """
     check_dtype(logits, "logits")
     _check_target(target, logits)
-    _check_weight(weight, logits)
+    check_weight(weight, logits)
     logits, target = unit_class_stride(logits), unit_class_stride(target)
     n_rows, n_classes = logits.shape
     acc = acc_dtype(logits.dtype)
@@ -152,7 +152,7 @@ def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optio
     """
     check_dtype(logits, "logits")
     _check_target(target, logits)
-    _check_weight(weight, logits)
+    check_weight(weight, logits)
     logits, target = unit_class_stride(logits), unit_class_stride(target)
     n_rows, n_classes = logits.shape
     grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)

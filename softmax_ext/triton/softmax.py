@@ -6,8 +6,6 @@ tile. Last-dim softmax (inner == 1): lanes are rows, contiguous along the classe
 takes several rows when C is small. Otherwise (STRIDED) a program takes BLOCK_R consecutive inner
 positions of one outer index, so the tile is contiguous along the lanes and loads coalesce there.
 """
-from __future__ import annotations
-
 import math
 from typing import Any, Tuple
 
@@ -16,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_dtype, finite_shift, num_warps, on_device, online_lse_update, \
-    tile_shape, upcast
+from ._common import (check_dtype, finite_shift, num_warps, on_device, online_lse_update,
+                      tile_shape, upcast)
 
 #: Most inner positions one program takes in the strided layout (wide tiles coalesce better).
 MAX_BLOCK_LANES = 256
