@@ -6,6 +6,7 @@ Modes: the kernel sweep (default), ``--suite core`` (the core issue's targets) a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="the time budget never cuts repetitions below this")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per (op, shape, dtype, direction) group before repetitions "
-                         "are cut (default 60)")
+                         "are cut (default 45 CPU, 60 GPU, 120 core suite)")
     ap.add_argument("--rep-ms", type=float, default=None,
                     help="each timed repetition loops calls for about this long (default 20 CPU, "
                          "10 GPU, 5 quick)")
@@ -59,6 +60,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="softmax_ext backend (default: cpp on CPU, triton on CUDA; 'torch' is a "
                          "stand-in for development)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--thp", action="store_true",
+                    help="CPU: restart with THP_MEM_ALLOC_ENABLE=1 so large tensors get "
+                         "transparent huge pages (fresh gradients then fault in far faster)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--out", type=Path, default=None,
@@ -93,7 +97,8 @@ def build_config(args: argparse.Namespace) -> Config:
         else (("float32",) if quick else ("float32", "bfloat16")),
         reps=args.reps or (3 if quick else (15 if args.suite == "core" else (20 if gpu else 10))),
         min_reps=args.min_reps or (2 if quick else 3),
-        group_budget_s=args.budget or (10.0 if quick else (120.0 if args.suite == "core" else 60.0)),
+        group_budget_s=args.budget or (10.0 if quick else (120.0 if args.suite == "core" else
+                                                           (60.0 if gpu else 45.0))),
         rep_target_s=args.rep_ms / 1e3 if args.rep_ms else
         (0.005 if quick else (0.01 if gpu else 0.02)),
         warmup_s=args.warmup_ms / 1e3 if args.warmup_ms else (0.02 if quick else 0.05),
@@ -145,6 +150,12 @@ def run_kernels(cfg: Config) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m benchmarks``."""
     args = parse_args(argv)
+    if args.thp and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        # c10 reads the variable once, at torch's first allocation: it must be set before start.
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        rest = list(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *rest])
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.trainer:

@@ -109,8 +109,13 @@ def calibrate(step: Step, timer, warmup_s: float, rep_target_s: float,
     first = time.perf_counter() - t0
     samples: List[float] = []
     start = time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - start < warmup_s and len(samples) < 200):
+    while True:
         samples.append(timer.measure(step, 1))
+        elapsed = time.perf_counter() - start
+        # Three calls at least, but one is enough warm-up for calls of a second or more.
+        enough = len(samples) >= 3 or elapsed >= max(1.0, warmup_s)
+        if enough and (elapsed >= warmup_s or len(samples) >= 200):
+            break
     call_s = max(statistics.median(samples[len(samples) // 2:]), 1e-9)
     inner = int(min(max_inner, max(1, round(rep_target_s / call_s))))
     return Calibration(first, call_s, inner)
