@@ -62,15 +62,19 @@ class Trainer:
         train_x, train_y, test_x, test_y: the data set on the training device.
         batch_size, seed: minibatch size; seed of the per-epoch permutations.
         progress: where to start (a fresh run or a checkpoint's state).
+        lr_at: optional learning rate of each epoch (0-based index), set before the epoch runs;
+            a function of the index alone, so a resumed run gets the same rates.
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                  train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                 batch_size: int, seed: int, progress: Optional[Progress] = None) -> None:
+                 batch_size: int, seed: int, progress: Optional[Progress] = None,
+                 lr_at: Optional[Callable[[int], float]] = None) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
         self.batch_size, self.seed = batch_size, seed
         self.progress = progress or Progress()
+        self.lr_at = lr_at
 
     @property
     def steps_per_epoch(self) -> int:
@@ -95,6 +99,9 @@ class Trainer:
         model, loss_fn, opt = self.model, self.loss, self.optimizer
         x, y = self.train_x, self.train_y
         start = time.perf_counter()
+        if self.lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(p.epoch)
         order = epoch_order(len(x), self.seed, p.epoch, device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -114,9 +121,10 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             l.backward()
             opt.step()
-            loss_sum += l.detach() * len(idx)
-            correct += (logits.detach().argmax(dim=1) == Y).sum()
-            seen += len(idx)
+            n = len(idx)
+            loss_sum.add_(l.detach(), alpha=n)
+            correct.add_((logits.detach().argmax(dim=1) == Y).sum())
+            seen += n
         else:
             step = self.steps_per_epoch
         if hasattr(steps, "close"):
