@@ -95,10 +95,15 @@ class Sweep:
         machine.update(copy)
         self.log(f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write; "
                  f"into fresh memory: {copy['clone_gbps']:.1f} GB/s)")
-        for rows, classes in cfg.shapes:
-            for dtype_name in cfg.dtypes:
-                for op in cfg.ops:
-                    self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
+        interrupted = False
+        try:
+            for rows, classes in cfg.shapes:
+                for dtype_name in cfg.dtypes:
+                    for op in cfg.ops:
+                        self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
+        except KeyboardInterrupt:  # keep what was measured: a long sweep stopped is not lost
+            interrupted = True
+            self.log("interrupted: writing the measurements so far")
         end = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)
         machine["copy_gbps_end"], machine["clone_gbps_end"] = end["copy_gbps"], end["clone_gbps"]
         add_speedups(self.records)
@@ -113,6 +118,7 @@ class Sweep:
             "errors": self.errors,
             "skipped": self.skipped,
             "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "interrupted": interrupted,
         }
 
     def measure_op(self, op: str, rows: int, classes: int, dtype_name: str,
