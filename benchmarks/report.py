@@ -188,6 +188,8 @@ def write_markdown(folder: Path) -> Path:
         if doc and doc.get("targets"):
             lines += [f"## Core targets, {title}", "", "```",
                       format_targets(doc["targets"], doc["machine"]), "```", ""]
+    if sweep and sweep.get("interrupted"):
+        lines += ["**The sweep was interrupted: the tables below are partial.**", ""]
     if sweep:
         lines += ["## Machine", ""] + machine_section(sweep["machine"]) + [""]
         lines += ["## Kernels", "",

@@ -137,7 +137,8 @@ class Sweep:
             self.error({**where, "direction": "*"}, "*", err)
             _free(device, size)
             return
-        peers.fresh_compile_cache()
+        if any(i.name == "torch.compile" for i in impls):
+            peers.fresh_compile_cache()
         fns, own = {}, {}
         for impl in impls:
             try:
