@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "dispatch.h"
+#include "grad_buffer.h"
 #include "row_ops.h"
 
 namespace sme {
@@ -16,7 +17,7 @@ namespace {
 template <typename A>
 SME_INLINE void online_merge(A cm, A& m, A& s) {
   if (cm > m) {
-    s *= std::exp(m - cm);
+    if (s != A(0)) s *= std::exp(m - cm);  // a row's first chunk needs no rescale (nor libm)
     m = cm;
   }
 }
@@ -302,7 +303,7 @@ at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smoot
   const at::Tensor gn = per_row(grad_nll, logits, "grad_nll");
   const at::Tensor gs = per_row(grad_smooth, logits, "grad_smooth");
   const at::Tensor l = lse_of(lse, logits);
-  at::Tensor gx = at::empty(logits.sizes(), logits.options());
+  at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return gx;
   const IndexBwdArgs a{gn.const_data_ptr(), gn.stride(0), gs.const_data_ptr(), gs.stride(0),
                        logits.const_data_ptr(), logits.stride(0), logits.size(1),
@@ -342,7 +343,7 @@ at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, co
   const at::Tensor g = per_row(grad_loss, logits, "grad_loss");
   const at::Tensor ts = per_row(tsum, logits, "tsum").contiguous();
   const at::Tensor l = lse_of(lse, logits);
-  at::Tensor gx = at::empty(logits.sizes(), logits.options());
+  at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return gx;
   const SoftBwdArgs a{g.const_data_ptr(), g.stride(0), logits.const_data_ptr(), logits.stride(0),
                       logits.size(1), t.const_data_ptr(), t.stride(0), data_or_null(w),

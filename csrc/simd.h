@@ -39,13 +39,11 @@ SME_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 // The first k (< kLanes) floats of p, the other lanes set to fill.
 SME_INLINE vf load_part(const float* p, int64_t k, float fill) {
   vf v = splat(fill);
-  for (int64_t l = 0; l < k; ++l) v[l] = p[l];
+  std::memcpy(&v, p, k * sizeof(float));
   return v;
 }
 
-SME_INLINE void store_part(float* p, vf v, int64_t k) {
-  for (int64_t l = 0; l < k; ++l) p[l] = v[l];
-}
+SME_INLINE void store_part(float* p, vf v, int64_t k) { std::memcpy(p, &v, k * sizeof(float)); }
 
 // a > b ? a : b lane-wise (maxps semantics).
 SME_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "dispatch.h"
+#include "grad_buffer.h"
 #include "row_ops.h"
 
 namespace sme {
@@ -29,7 +30,7 @@ struct SoftmaxBwdArgs {
 template <typename A>
 SME_INLINE void online_merge(A cm, A& m, A& s) {
   if (cm > m) {
-    s *= std::exp(m - cm);
+    if (s != A(0)) s *= std::exp(m - cm);  // a row's first chunk needs no rescale (nor libm)
     m = cm;
   }
 }
@@ -223,7 +224,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_output, const at::Tensor& output, 
               grad_output.sizes(), " and output ", output.sizes(), " differ in shape");
   const at::Tensor y = output.contiguous();
   const at::Tensor g = grad_output.to(y.scalar_type()).contiguous();
-  at::Tensor gx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  at::Tensor gx = reusable_empty(y.sizes(), y.options());
   const Shape3 s = shape3(y, dim);
   if (y.numel() == 0) return gx;
   const SoftmaxBwdArgs a{g.const_data_ptr(), y.const_data_ptr(), gx.mutable_data_ptr(), s.C, s.inner, log};

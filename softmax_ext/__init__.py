@@ -12,5 +12,7 @@ from .nn import CrossEntropyLoss, LogSoftmax, Softmax
 # a missing build is JIT-compiled only when a CPU kernel is first needed.
 _cpp.try_import_built()
 
-__all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax"]
+empty_cache = _cpp.empty_cache
+
+__all__ = ["empty_cache", "cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax"]
 __version__ = "0.1.0"

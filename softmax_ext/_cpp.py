@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 _loaded = False
+_module = None  # the extension module: softmax_ext._C, or the JIT-built one
 
 
 def _jit_build() -> None:
@@ -26,30 +27,33 @@ def _jit_build() -> None:
     from ._build_flags import cxx_flags, link_flags
 
     print("softmax_ext: compiling the C++ extension (first use only)...", file=sys.stderr)
-    load(name="softmax_ext_C", sources=sources, extra_cflags=cxx_flags(),
-         extra_ldflags=link_flags(), is_python_module=False,
-         verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")))
+    global _module
+    _module = load(name="softmax_ext_C", sources=sources, extra_cflags=cxx_flags(),
+                   extra_ldflags=link_flags(), extra_include_paths=[str(csrc)],
+                   verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")))
 
 
 def try_import_built() -> bool:
     """Import the ahead-of-time build if there is one (cheap); never JIT-compiles."""
-    global _loaded
+    global _loaded, _module
     if not _loaded:
         try:
-            from . import _C  # noqa: F401
+            from . import _C
         except ImportError:
             return False
-        _loaded = True
+        _loaded, _module = True, _C
     return True
 
 
 def load() -> None:
     """Make sure the CPU kernels are registered with the dispatcher (idempotent, cheap)."""
     global _loaded
-    if _loaded:
+    if _loaded or try_import_built():
         return
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        _jit_build()
+    _jit_build()
     _loaded = True
+
+
+def empty_cache() -> int:
+    """Free the CPU gradient buffer kept for reuse between backward calls; returns bytes freed."""
+    return int(_module.empty_cache()) if _module is not None else 0

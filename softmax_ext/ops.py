@@ -107,7 +107,19 @@ def dispatched() -> SimpleNamespace:
 BACKENDS = ("auto", "cpp", "triton", "torch")
 
 
+_kernel_cache: dict = {}
+
+
 def kernels_for(backend: str, device: torch.device) -> SimpleNamespace:
+    """Cached :func:`resolve_kernels`: called on every op, so the lookup must be cheap."""
+    key = (backend, device.type)
+    kernels = _kernel_cache.get(key)
+    if kernels is None:
+        kernels = _kernel_cache[key] = resolve_kernels(backend, device)
+    return kernels
+
+
+def resolve_kernels(backend: str, device: torch.device) -> SimpleNamespace:
     """Return the six kernels (named as in the schemas) that serve ``backend`` on ``device``.
 
     "auto" picks C++ on CPU and Triton on CUDA. "triton" on a CPU tensor runs the Triton kernels
