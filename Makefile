@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.ext-built
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install build test test-cpp test-triton train bench clean
+.PHONY: install build test test-cpp test-triton train bench bench-core bench-trainer clean
 
 install: $(BUILT)
 
@@ -60,6 +60,12 @@ train: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m benchmarks
+
+bench-core: $(BUILT)
+	$(PY) -m benchmarks --suite core
+
+bench-trainer: $(BUILT)
+	$(PY) -m benchmarks --trainer
 
 clean:
 	rm -rf build *.egg-info softmax_ext/*.so $(VENV)
