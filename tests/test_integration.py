@@ -168,3 +168,31 @@ def test_backend_errors():
     with pytest.raises(RuntimeError, match="CPU tensors only|cpp"):
         from softmax_ext.ops import kernels_for
         kernels_for("cpp", torch.device("cuda"))
+
+
+def test_gradient_buffer_reuse_never_aliases_live_tensors():
+    # 1024 x 4096 float32 = 16 MiB: above the reuse threshold.
+    x = torch.randn(1024, 4096)
+    t = torch.randint(0, 4096, (1024,))
+    se.empty_cache()
+
+    def grad():
+        xa = x.clone().requires_grad_()
+        se.cross_entropy(xa, t, reduction="sum").backward()
+        return xa.grad
+
+    first = grad()
+    held = first.clone()
+    second = grad()  # `first` is alive: must get a fresh buffer
+    assert first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first, held)  # untouched by the second backward
+    ptr = second.data_ptr()
+    del first, second
+    third = grad()  # nothing holds the cached buffer any more: reused, values still right
+    assert third.data_ptr() == ptr
+    torch.testing.assert_close(third, held)
+    view = third[:10]
+    del third
+    fourth = grad()  # a live view keeps the storage busy
+    assert fourth.data_ptr() != view.data_ptr()
+    assert se.empty_cache() > 0
