@@ -34,34 +34,49 @@ RUN_DEFINING = ("model", "hidden", "loss", "backend", "batch_size", "lr", "lr_sc
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line; defaults are the chapter's recipe."""
     ap = argparse.ArgumentParser(
-        prog="softmax-ext-train",
+        prog="softmax-ext-train", allow_abbrev=False,
         description="Softmax regression (d2l chapter 3) on Fashion-MNIST with softmax_ext's fused "
-                    "cross-entropy loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "cross-entropy loss. Defaults are the chapter's recipe.")
     ap.add_argument("--model", choices=MODELS, default="softmax",
-                    help="softmax: Flatten+Linear(784, 10); scratch: explicit W, b; mlp: ReLU MLP")
-    ap.add_argument("--hidden", default="256", help="MLP hidden sizes, e.g. 256 or 200,200")
+                    help="softmax: Flatten + Linear(784, 10); scratch: explicit W and b; "
+                         "mlp: ReLU MLP (default: %(default)s)")
+    ap.add_argument("--hidden", default="256",
+                    help="MLP hidden sizes, e.g. 256 or 200,200 (default: %(default)s)")
     ap.add_argument("--loss", choices=LOSSES, default="fused",
-                    help="fused: softmax_ext.CrossEntropyLoss; torch: torch.nn.CrossEntropyLoss")
+                    help="fused: softmax_ext.CrossEntropyLoss; torch: torch.nn.CrossEntropyLoss "
+                         "(default: %(default)s)")
     ap.add_argument("--backend", choices=("auto", "cpp", "triton", "torch"), default="auto",
-                    help="softmax_ext backend of the fused loss (auto: C++ on CPU, Triton on CUDA)")
-    ap.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=None, help="default 0.1 for sgd, 0.001 for adam")
+                    help="softmax_ext backend of the fused loss; auto: C++ on CPU, Triton on "
+                         "CUDA (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"number of epochs (default: {DEFAULT_EPOCHS}; with --resume: the "
+                         "checkpoint's)")
+    ap.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default: 0.1 for sgd, 0.001 for adam)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                    help="cosine: decay the learning rate per epoch from --lr towards 0")
-    ap.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd")
-    ap.add_argument("--label-smoothing", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
+                    help="cosine: decay the learning rate per epoch from --lr towards 0 "
+                         "(default: %(default)s)")
+    ap.add_argument("--optimizer", choices=tuple(DEFAULT_LR), default="sgd",
+                    help="(default: %(default)s)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="(default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the initial weights and the per-epoch shuffles "
+                         "(default: %(default)s)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: CUDA when present, else CPU")
+                    help="auto: CUDA when present, else CPU (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads (default: 1 for softmax/scratch on CPU, else torch's choice)")
+                    help="CPU threads (default: 1 for softmax/scratch on CPU, else torch's "
+                         "choice; 1 is best on a busy machine)")
     ap.add_argument("--data-dir", default="data",
-                    help="where to look for Fashion-MNIST first, and where to prepare/download it")
-    ap.add_argument("--out", default="runs/fashion_mnist", help="output folder")
+                    help="where to look for Fashion-MNIST first, then $FASHION_MNIST_DIR, then "
+                         "Debian's dataset-fashion-mnist; where to prepare or download it "
+                         "(default: %(default)s)")
+    ap.add_argument("--out", default="runs/fashion_mnist",
+                    help="output folder (default: %(default)s)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue the run saved in --out/checkpoint.pt")
+                    help="continue the run saved in OUT/checkpoint.pt with its settings")
     args = ap.parse_args(argv)
     if args.epochs is not None and args.epochs < 0:
         ap.error("--epochs must be >= 0")
@@ -74,6 +89,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError as err:
         ap.error(str(err))
     return args
+
+
+def _options_given(argv: Sequence[str]) -> set:
+    """Config keys of the options present on the command line ("--batch-size" -> "batch_size")."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,6 +237,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        given = _options_given(sys.argv[1:] if argv is None else argv)
+        ignored = [f"--{k.replace('_', '-')}" for k in RUN_DEFINING
+                   if k in given and config[k] != state["config"][k]]
+        if ignored:
+            print(f"note: --resume keeps the checkpoint's settings; ignoring {', '.join(ignored)}",
+                  file=sys.stderr)
         config.update({k: state["config"][k] for k in RUN_DEFINING})
         config["epochs"] = state["config"]["epochs"] if args.epochs is None else args.epochs
     config["threads"] = threads_for(config, args.threads)
