@@ -112,7 +112,8 @@ def _in_folder(folder: Path) -> Optional[dict]:
         return None
     if missing:
         raise DataError(f"{folder} holds only part of Fashion-MNIST; missing: "
-                        + ", ".join(m + "[.gz]" for m in missing))
+                        + ", ".join(m + "[.gz]" for m in missing)
+                        + " (complete the folder, or delete it to look elsewhere)")
     return files
 
 
