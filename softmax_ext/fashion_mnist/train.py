@@ -224,8 +224,7 @@ def num_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the trainer; return the process exit status (0, or 130 after Ctrl-C)."""
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -257,6 +256,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _train(config, data, state, out, device)
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the trainer; return the process exit status (0, or 130 after Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # outside the training loop: nothing unsaved is lost
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
 def _train(config: dict, data, state: Optional[dict], out: Path, device: torch.device) -> int:
     model, loss, optimizer = build(config, device)
     trainer = Trainer(model, loss, optimizer, data.train_x, data.train_y, data.test_x,
@@ -265,8 +273,10 @@ def _train(config: dict, data, state: Optional[dict], out: Path, device: torch.d
     if state is not None:
         trainer.load_state_dict(state)
         p = trainer.progress
-        print(f"resuming {out / ckpt.CHECKPOINT}: epoch {p.epoch + 1}, step {p.step} "
-              f"(config from the checkpoint, {config['epochs']} epochs)")
+        where = f"epoch {p.epoch + 1}, step {p.step}" if p.epoch < config["epochs"] \
+            else "all epochs done, redrawing the figures"
+        print(f"resuming {out / ckpt.CHECKPOINT}: {where} (settings from the checkpoint, "
+              f"{config['epochs']} epochs)")
         for e in p.history:
             print(epoch_line(e))
 
