@@ -14,19 +14,6 @@
 namespace sme {
 namespace {
 
-template <typename A>
-SME_INLINE void online_merge(A cm, A& m, A& s) {
-  if (cm > m) {
-    if (s != A(0)) s *= std::exp(m - cm);  // a row's first chunk needs no rescale (nor libm)
-    m = cm;
-  }
-}
-
-template <typename A>
-SME_INLINE A safe_shift(A m) {
-  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
-}
-
 
 // Running statistics of one row: m + log(s) is its log-sum-exp.
 template <typename A>

@@ -9,6 +9,24 @@
 
 namespace sme {
 
+// ---- online log-sum-exp over chunks of a row ----------------------------------------------------
+
+// Fold a chunk's max cm into the running (max m, sum s of exp(x - m)).
+template <typename A>
+SME_INLINE void online_merge(A cm, A& m, A& s) {
+  if (cm > m) {
+    if (s != A(0)) s *= std::exp(m - cm);  // a row's first chunk needs no rescale (nor libm)
+    m = cm;
+  }
+}
+
+// Shift for exp in a chunk: the running max, or 0 while no finite value has been seen (so that an
+// all -inf chunk adds exp(-inf) = 0 and never exp(-inf + inf) = NaN).
+template <typename A>
+SME_INLINE A safe_shift(A m) {
+  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
+}
+
 // ---- float: SIMD -------------------------------------------------------------------------------
 
 SME_INLINE float max_of(const float* x, int64_t n) {

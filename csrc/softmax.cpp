@@ -27,21 +27,6 @@ struct SoftmaxBwdArgs {
   bool log;
 };
 
-template <typename A>
-SME_INLINE void online_merge(A cm, A& m, A& s) {
-  if (cm > m) {
-    if (s != A(0)) s *= std::exp(m - cm);  // a row's first chunk needs no rescale (nor libm)
-    m = cm;
-  }
-}
-
-// Shift for exp in a chunk: the running max, or 0 while no finite value has been seen (so that an
-// all -inf chunk adds exp(-inf) = 0 and never exp(-inf + inf) = NaN).
-template <typename A>
-SME_INLINE A safe_shift(A m) {
-  return m == -std::numeric_limits<A>::infinity() ? A(0) : m;
-}
-
 template <typename T>
 SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
