@@ -1,4 +1,8 @@
-"""``python -m softmax_ext.train``: the Fashion-MNIST trainer (see softmax_ext.fashion_mnist.train)."""
+"""``python -m softmax_ext.train``: the Fashion-MNIST trainer.
+
+A thin wrapper of :func:`softmax_ext.fashion_mnist.train.main` (also the ``softmax-ext-train``
+console script).
+"""
 from .fashion_mnist.train import main
 
 if __name__ == "__main__":

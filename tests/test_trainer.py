@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import signal
 import struct
 from pathlib import Path
@@ -18,8 +17,10 @@ import pytest
 import torch
 
 from softmax_ext.fashion_mnist import data as D
+from softmax_ext.fashion_mnist import recipe as R
 from softmax_ext.fashion_mnist import train as T
 from softmax_ext.fashion_mnist.checkpoint import save_checkpoint
+from softmax_ext.fashion_mnist.loop import Trainer
 
 N_TRAIN, N_TEST = 320, 96
 
@@ -206,7 +207,7 @@ def test_no_data_anywhere_names_the_three_ways(tmp_path, capsys):
 
 
 def test_defaults_are_the_chapters_recipe():
-    config = T.make_config(T.parse_args([]), torch.device("cpu"))
+    config = R.make_config(T.parse_args([]), torch.device("cpu"))
     assert {k: config[k] for k in ("model", "loss", "epochs", "batch_size", "lr", "optimizer",
                                    "label_smoothing")} == {
         "model": "softmax", "loss": "fused", "epochs": 10, "batch_size": 256, "lr": 0.1,
@@ -237,15 +238,15 @@ def test_fused_and_torch_losses_end_with_the_same_parameters(tmp_path, source, m
     for loss in ("fused", "torch"):
         args = T.parse_args(["--model", model, "--loss", loss, "--label-smoothing", "0.1",
                              "--batch-size", "32"])
-        config = T.make_config(args, torch.device("cpu"))
-        trainer = T.Trainer(*T.build(config, torch.device("cpu")), data.train_x, data.train_y,
+        config = R.make_config(args, torch.device("cpu"))
+        trainer = Trainer(*R.build(config, torch.device("cpu")), data.train_x, data.train_y,
                             data.test_x, data.test_y, config["batch_size"], config["seed"])
         assert trainer.run(2, on_epoch=lambda e: None)
         params[loss] = trainer.model.state_dict()
     assert params["fused"].keys() == params["torch"].keys()
     for k, v in params["fused"].items():
         assert torch.allclose(v, params["torch"][k], rtol=1e-5, atol=1e-6), k
-    assert not torch.equal(params["fused"][k], T.build(config, torch.device("cpu"))[0]
+    assert not torch.equal(params["fused"][k], R.build(config, torch.device("cpu"))[0]
                            .state_dict()[k])  # it did train
 
 

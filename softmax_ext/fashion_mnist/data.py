@@ -15,10 +15,10 @@ holds the same deflate streams under other gzip headers (file name and time stri
 reproduces torchvision's md5 for all four files), so its .gz sums differ while the decompressed
 bytes are identical; the tests' synthetic sets have no known sum at all. Hence two layers:
 
-* every file is checked by structure, which catches truncation and corruption wherever the data came
-  from: the gzip stream must decompress completely (gzip's CRC-32 and length trailer), the IDX header
-  must carry the right magic number and 28x28 images, the byte count must equal what the header
-  announces, labels must lie in 0..9, and each split's image and label counts must agree;
+* every file is checked by structure, which catches truncation and corruption wherever the data
+  came from: the gzip stream must decompress completely (gzip's CRC-32 and length trailer), the
+  IDX header must carry the right magic number and 28x28 images, the byte count must equal what
+  the header announces, labels must lie in 0..9, and each split's image and label counts agree;
 * a file whose header announces the real set's size (60000 or 10000 items) must in addition have
   the md5 sum of the real set's *decompressed* content, whichever way it was compressed.
 
@@ -212,8 +212,9 @@ def check_idx(path: Path, content: bytes) -> int:
     name = path.name[:-3] if path.suffix == ".gz" else path.name
     known = KNOWN_CONTENT.get(name)
     if known is not None and count == known[0] and hashlib.md5(content).hexdigest() != known[1]:
-        raise DataError(f"{path}: {count} items like the real Fashion-MNIST file, but its content's "
-                        f"md5 sum is not the real one ({known[1]}): corrupt; fetch it again")
+        raise DataError(f"{path}: {count} items like the real Fashion-MNIST file, but its "
+                        f"content's md5 sum is not the real one ({known[1]}): corrupt; fetch it "
+                        "again")
     return count
 
 

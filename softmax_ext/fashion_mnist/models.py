@@ -57,7 +57,8 @@ def parse_hidden(spec: str) -> tuple:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) <= 0:
-        raise ValueError(f"hidden sizes must be positive integers like 256 or 200,200, got {spec!r}")
+        raise ValueError(f"hidden sizes must be positive integers like 256 or 200,200, "
+                         f"got {spec!r}")
     return sizes
 
 

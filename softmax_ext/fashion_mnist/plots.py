@@ -13,7 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .data import CLASS_NAMES  # noqa: E402
+from .loop import predict  # noqa: E402
+from .models import predict_probabilities  # noqa: E402
 
 
 def _save(fig: "plt.Figure", path: Path) -> Path:
@@ -88,3 +92,18 @@ def plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> Pa
     acc = float(counts.diagonal().sum()) / max(int(counts.sum()), 1)
     ax.set_title(f"confusion matrix on the test set (accuracy {acc:.3f})")
     return _save(fig, path)
+
+
+def write_figures(model: nn.Module, test_x: Tensor, test_y: Tensor, history: Sequence[dict],
+                  backend: str, out: Path, n_examples: int = 24) -> None:
+    """curves.png, predictions.png and confusion.png of a trained model in ``out``."""
+    if history:
+        plot_curves(history, out / "curves.png")
+    pred = predict(model, test_x)
+    with torch.inference_mode():
+        probs = predict_probabilities(model, test_x[:n_examples], backend)
+    confidence = probs.gather(1, pred[:n_examples, None]).squeeze(1)
+    plot_predictions(test_x[:n_examples], test_y[:n_examples], pred[:n_examples], confidence,
+                     CLASS_NAMES, out / "predictions.png")
+    plot_confusion(confusion_matrix(test_y, pred, len(CLASS_NAMES)), CLASS_NAMES,
+                   out / "confusion.png")

@@ -8,28 +8,19 @@ checkpoint.pt (written atomically after every epoch and on Ctrl-C; ``--resume`` 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .data import CLASS_NAMES, DataError, load
-from .losses import LOSSES, build_loss
-from .loop import Progress, Trainer, predict
-from .models import MODELS, build_model, parse_hidden, predict_probabilities
-
-DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
-DEFAULT_EPOCHS = 10
-# What --resume takes from the checkpoint rather than from the command line.
-RUN_DEFINING = ("model", "hidden", "loss", "backend", "batch_size", "lr", "lr_schedule",
-                "optimizer", "label_smoothing", "seed")
+from .data import DataError, load
+from .losses import LOSSES
+from .loop import Progress, Trainer
+from .models import MODELS, parse_hidden
+from .recipe import DEFAULT_EPOCHS, DEFAULT_LR, RUN_DEFINING, build, lr_schedule, make_config
+from .runtime import StopFlag, num_threads, resolve_device, threads_for
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -96,80 +87,6 @@ def _options_given(argv: Sequence[str]) -> set:
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def make_config(args: argparse.Namespace, device: torch.device) -> dict:
-    """The run's configuration as recorded in metrics.json and the checkpoint."""
-    return {
-        "model": args.model, "hidden": list(parse_hidden(args.hidden)) if args.model == "mlp"
-        else None, "loss": args.loss, "backend": args.backend,
-        "epochs": DEFAULT_EPOCHS if args.epochs is None else args.epochs,
-        "batch_size": args.batch_size,
-        "lr": DEFAULT_LR[args.optimizer] if args.lr is None else args.lr,
-        "lr_schedule": args.lr_schedule,
-        "optimizer": args.optimizer, "label_smoothing": args.label_smoothing, "seed": args.seed,
-        "device": str(device), "threads": args.threads,
-        "torch": str(torch.__version__), "cpu": platform.processor() or platform.machine(),
-    }
-
-
-def build(config: dict, device: torch.device) -> tuple:
-    """Seeded model, loss and optimizer for ``config``."""
-    torch.manual_seed(config["seed"])
-    backend = config["backend"] if config["loss"] == "fused" else "torch"
-    model = build_model(config["model"], tuple(config["hidden"] or (256,)), backend).to(device)
-    loss = build_loss(config["loss"], config["model"], config["label_smoothing"],
-                      config["backend"])
-    if config["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
-    else:  # the fused Adam step is a third of the default's cost for these small tensors
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=True)
-    return model, loss, optimizer
-
-
-def lr_schedule(config: dict) -> Optional[Callable[[int], float]]:
-    """The learning rate of each epoch (0-based), or None for a constant rate."""
-    if config["lr_schedule"] == "constant":
-        return None
-    lr, epochs = config["lr"], max(config["epochs"], 1)
-    return lambda epoch: lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-class StopFlag:
-    """Set by the first Ctrl-C; the loop checks it between steps. A second Ctrl-C aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    @contextmanager
-    def catching_sigint(self) -> Iterator["StopFlag"]:
-        def handler(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nCtrl-C: stopping after this step to save a checkpoint "
-                  "(press again to abort without saving)", file=sys.stderr)
-
-        try:
-            previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: no signal handling
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _tqdm(iterable, **kwargs):
     from tqdm.auto import tqdm
 
@@ -180,53 +97,6 @@ def epoch_line(e: dict) -> str:
     """The chapter-style summary of one epoch."""
     return (f"epoch {e['epoch']}, loss {e['train_loss']:.4f}, train acc {e['train_acc']:.3f}, "
             f"test acc {e['test_acc']:.3f}  ({e['seconds']:.2f} s)")
-
-
-def write_figures(trainer: Trainer, config: dict, out: Path, n_examples: int = 24) -> None:
-    """curves.png, predictions.png and confusion.png for the trained model."""
-    from . import plots
-
-    history = trainer.progress.history
-    if history:
-        plots.plot_curves(history, out / "curves.png")
-    pred = predict(trainer.model, trainer.test_x)
-    with torch.inference_mode():
-        backend = config["backend"] if config["loss"] == "fused" else "torch"
-        probs = predict_probabilities(trainer.model, trainer.test_x[:n_examples], backend)
-    conf = probs.gather(1, pred[:n_examples, None]).squeeze(1)
-    plots.plot_predictions(trainer.test_x[:n_examples], trainer.test_y[:n_examples],
-                           pred[:n_examples], conf, CLASS_NAMES, out / "predictions.png")
-    counts = plots.confusion_matrix(trainer.test_y, pred, len(CLASS_NAMES))
-    plots.plot_confusion(counts, CLASS_NAMES, out / "confusion.png")
-
-
-def threads_for(config: dict, requested: Optional[int]) -> int:
-    """CPU threads for the run: ``--threads`` if given, else 1 for the softmax regressions and
-    all cores but one for the MLP (torch's choice on CUDA).
-
-    A 256x784 by 784x10 product is too small to split: one thread is fastest. The MLP's products
-    are worth splitting, but OpenMP threads that wait for a core another process holds stall every
-    step (measured on 2 cores: 0.7 s epochs idle, 15-20 s with one busy neighbour), so one core is
-    left to the rest of the machine.
-    """
-    if requested:
-        return requested
-    if config["device"] != "cpu":
-        return torch.get_num_threads()
-    if config["model"] in ("softmax", "scratch"):
-        return 1
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
-
-
-@contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    """torch.set_num_threads(n) for the block only (main() may run inside a larger program)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -301,7 +171,10 @@ def _train(config: dict, data, state: Optional[dict], out: Path, device: torch.d
         print(f"interrupted: saved {out / ckpt.CHECKPOINT}; continue with the same command "
               "and --resume", file=sys.stderr)
         return 130
-    write_figures(trainer, config, out)
+    from .plots import write_figures  # matplotlib takes ~1 s to load: only when it is needed
+
+    write_figures(trainer.model, trainer.test_x, trainer.test_y, trainer.progress.history,
+                  config["backend"] if config["loss"] == "fused" else "torch", out)
     seconds = sum(e["seconds"] for e in trainer.progress.history)
     print(f"train_seconds {seconds:.2f} ({config['model']}, loss {config['loss']}, {device}, "
           f"{config['threads']} thread{'s' if config['threads'] > 1 else ''}); outputs in {out}/")
