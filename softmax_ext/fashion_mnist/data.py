@@ -262,11 +262,12 @@ def prepare(found: Found, data_dir: PathLike) -> Path:
     used in place; .gz files are decompressed there (the bytes were read to verify them anyway).
     """
     contents = verify(found.files)
-    raw_paths = {p.parent for p in found.files.values()}
-    already = all(p.suffix != ".gz" for p in found.files.values()) and len(raw_paths) == 1 \
-        and next(iter(raw_paths)).parts[-2:] == ("FashionMNIST", "raw")
-    if already:
-        return next(iter(raw_paths)).parent.parent
+    folders = {p.parent for p in found.files.values()}
+    plain = all(p.suffix != ".gz" for p in found.files.values())
+    if plain and len(folders) == 1:
+        folder = folders.pop()
+        if folder.parts[-2:] == ("FashionMNIST", "raw"):
+            return folder.parent.parent
     root = _writable_root(Path(data_dir))
     raw = root / "FashionMNIST" / "raw"
     for name, content in contents.items():
