@@ -23,6 +23,7 @@ from softmax_ext.fashion_mnist.checkpoint import save_checkpoint
 from softmax_ext.fashion_mnist.loop import Trainer
 
 N_TRAIN, N_TEST = 320, 96
+REAL_DEBIAN_FILES = D.debian_files  # before the fixture below hides it
 
 
 def _images_and_labels(n: int, seed: int) -> tuple:
@@ -122,6 +123,24 @@ def test_debian_package_is_used_when_nothing_else(tmp_path, source, monkeypatch)
                         lambda: {n: source / (n + ".gz") for n in D.FILE_NAMES})
     root, origin = D.locate(tmp_path / "data", download=False)
     assert "Debian" in origin and (root / "FashionMNIST" / "raw" / D.FILE_NAMES[0]).is_file()
+
+
+def test_torchvision_download_is_the_last_resort(tmp_path, source, monkeypatch):
+    def fake_download(data_dir):
+        write_set(Path(data_dir) / "FashionMNIST" / "raw", gz=False)
+        return Path(data_dir)
+
+    monkeypatch.setattr(D, "_download", fake_download)
+    root, origin = D.locate(tmp_path / "data")
+    assert origin == "torchvision download" and root == tmp_path / "data"
+
+
+def test_the_real_debian_package_passes_verification():
+    files = REAL_DEBIAN_FILES()
+    if files is None:
+        pytest.skip(f"Debian's {D.DEBIAN_PACKAGE} is not installed")
+    contents = D.verify(files)  # structure and the real set's md5 sums
+    assert len(contents[D.IMAGES["train"]]) == 16 + 60000 * 784
 
 
 def _truncate(path: Path) -> None:
