@@ -23,11 +23,9 @@ struct RowStats {
   A shift = 0;        // reference r for the shifted sums (first finite chunk max)
   bool shift_set = false;
   SME_INLINE void add(const A* x, int64_t n) {
-    const A cm = max_of(x, n);
-    online_merge(cm, m, s);
-    s += sum_exp(x, n, safe_shift(m));
-    if (!shift_set) {
-      shift = std::isfinite(cm) ? cm : A(0);
+    chunk_lse(x, n, m, s);
+    if (!shift_set) {  // after the first chunk m is that chunk's max
+      shift = std::isfinite(m) ? m : A(0);
       shift_set = true;
     }
   }
@@ -270,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& lo
   auto [w, W] = prepared_weight(weight, logits, "ce_index_fwd");
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
-  at::Tensor nll = at::empty({rows}, opts), smooth = at::zeros({rows}, opts);
+  at::Tensor nll = at::empty({rows}, opts), smooth = at::empty({rows}, opts);  // kernel writes both
   at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
   if (rows == 0) return {nll, smooth, lse};
   TORCH_CHECK(C > 0, "softmax_ext::ce_index_fwd: no classes");

@@ -55,6 +55,29 @@ SME_INLINE float sum_exp(const float* x, int64_t n, float m) {
   return hsum(s0 + s1);
 }
 
+// One chunk of a row folded into the running (m, s) of its log-sum-exp: the max pass, then the
+// exp-sum pass from L1. The partial last vector is loaded once and kept in a register for both.
+SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s) {
+  const int64_t full = n & ~int64_t(kLanes - 1);
+  const vf tail = full < n ? load_part(x + full, n - full, -kInf) : splat(-kInf);
+  vf m0 = tail, m1 = splat(-kInf);
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= full; i += 2 * kLanes) {
+    m0 = vmax(loadu(x + i), m0);
+    m1 = vmax(loadu(x + i + kLanes), m1);
+  }
+  if (i < full) m0 = vmax(loadu(x + i), m0);
+  online_merge(hmax(vmax(m0, m1)), m, s);
+  const vf vm = splat(safe_shift(m));
+  vf s0 = full < n ? vexp(tail - vm) : splat(0.0f), s1 = splat(0.0f);
+  for (i = 0; i + 2 * kLanes <= full; i += 2 * kLanes) {
+    s0 += vexp(loadu(x + i) - vm);
+    s1 += vexp(loadu(x + i + kLanes) - vm);
+  }
+  if (i < full) s0 += vexp(loadu(x + i) - vm);
+  s += hsum(s0 + s1);
+}
+
 // sum w[c] * (x[c] - r), or sum (x[c] - r) without weights. The shift r keeps rows far from zero
 // (say every logit near +1000) from cancelling catastrophically.
 SME_INLINE float wdot_shift(const float* x, const float* w, int64_t n, float r) {
@@ -184,6 +207,11 @@ SME_INLINE double sum_exp(const double* x, int64_t n, double m) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
   return s;
+}
+
+SME_INLINE void chunk_lse(const double* x, int64_t n, double& m, double& s) {
+  online_merge(max_of(x, n), m, s);
+  s += sum_exp(x, n, safe_shift(m));
 }
 
 SME_INLINE double wdot_shift(const double* x, const double* w, int64_t n, double r) {

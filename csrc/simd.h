@@ -36,28 +36,40 @@ SME_INLINE vf loadu(const float* p) {
 
 SME_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-// The first k (< kLanes) floats of p, the other lanes set to fill.
+// The first k (< kLanes) floats of p, the other lanes set to fill. Written as a conditional
+// element loop, which the AVX-512 and AVX2 clones turn into one masked load (never touching memory
+// past p + k); a memcpy into a stack vector costs a store-forwarding stall instead.
 SME_INLINE vf load_part(const float* p, int64_t k, float fill) {
-  vf v = splat(fill);
-  std::memcpy(&v, p, k * sizeof(float));
-  return v;
+  alignas(64) float tmp[kLanes];
+  for (int l = 0; l < kLanes; ++l) tmp[l] = l < k ? p[l] : fill;
+  return loadu(tmp);
 }
 
-SME_INLINE void store_part(float* p, vf v, int64_t k) { std::memcpy(p, &v, k * sizeof(float)); }
+SME_INLINE void store_part(float* p, vf v, int64_t k) {
+  alignas(64) float tmp[kLanes];
+  storeu(tmp, v);
+  for (int l = 0; l < kLanes; ++l)
+    if (l < k) p[l] = tmp[l];
+}
 
 // a > b ? a : b lane-wise (maxps semantics).
 SME_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-SME_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+// Horizontal reductions by halving with shuffles (lane-by-lane indexing of a vector-extension type
+// goes through the stack and cost more than the rest of a short row).
+SME_INLINE vf swap_halves(vf v, int w) {
+  const vi idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return __builtin_shuffle(v, (idx + w) & (kLanes - 1));
 }
 
+SME_INLINE float hmax(vf v) {
+  for (int w = kLanes / 2; w > 0; w /= 2) v = vmax(v, swap_halves(v, w));
+  return v[0];
+}
+
+// Pairwise, so that the rounding error does not grow with the lane count.
 SME_INLINE float hsum(vf v) {
-  // Pairwise, so that the rounding error does not grow with the lane count.
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) v[l] += v[l + w];
+  for (int w = kLanes / 2; w > 0; w /= 2) v += swap_halves(v, w);
   return v[0];
 }
 

@@ -38,9 +38,7 @@ SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t
     A m = -std::numeric_limits<A>::infinity(), s = 0;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      const A* x = to_acc(xr + c0, n, xbuf);
-      online_merge(max_of(x, n), m, s);
-      s += sum_exp(x, n, safe_shift(m));
+      chunk_lse(to_acc(xr + c0, n, xbuf), n, m, s);
     }
     const A c = a.log ? std::log(s) : A(1) / s;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {

@@ -47,7 +47,7 @@ class CrossEntropyIndex(torch.autograd.Function):
         if reduction == "mean":
             valid = target != ignore_index
             if weight is None:
-                denom = valid.sum(dtype=nll.dtype)
+                denom = valid.sum()  # int64; dividing a float by it promotes, with no cast op
             else:
                 # clamp, not where(valid, ...): on CUDA an out-of-range target must not make
                 # gather assert (the kernels report it as a NaN loss instead; see README)

@@ -165,9 +165,10 @@ def cross_entropy(
             logits, _rows_view(target), w, float(label_smoothing), reduction, kernels
         )
     else:
+        if target.dim() != 1 or target.dtype != torch.long:  # skip two no-op calls per step
+            target = target.reshape(-1).long()
         loss = _ag.CrossEntropyIndex.apply(
-            logits, target.reshape(-1).long(), w, int(ignore_index), float(label_smoothing),
-            reduction, kernels,
+            logits, target, w, int(ignore_index), float(label_smoothing), reduction, kernels
         )
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
