@@ -91,6 +91,7 @@ struct IndexBwdArgs {
   int64_t ignore_index;
   bool with_smooth;
   void* gx;  // contiguous (rows, C)
+  bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
 };
 
 template <typename T>
@@ -115,11 +116,13 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       A* out = out_chunk(gr + c0, obuf);
-      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out);
+      const bool stream = std::is_same_v<T, float> && a.stream;
+      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out, stream);
       if (t >= c0 && t < c0 + n) out[t - c0] -= gt;  // in the accumulation type, then rounded once
       from_acc(out, n, gr + c0);
     }
   }
+  if (a.stream) stream_fence();
 }
 
 // ---- class-probability targets ------------------------------------------------------------------
@@ -258,6 +261,14 @@ at::Tensor lse_of(const at::Tensor& lse, const at::Tensor& x) {
   return lse.to(at::kDouble).contiguous();
 }
 
+// Non-temporal stores pay off only for float32 outputs well beyond the last-level cache, and need
+// 16-byte aligned rows.
+bool streams_well(const at::Tensor& gx) {
+  constexpr int64_t kMinBytes = int64_t(256) << 20;
+  return gx.scalar_type() == at::kFloat && static_cast<int64_t>(gx.nbytes()) >= kMinBytes &&
+         gx.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(gx.const_data_ptr()) % 16 == 0;
+}
+
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -293,7 +304,8 @@ at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smoot
   const IndexBwdArgs a{gn.const_data_ptr(), gn.stride(0), gs.const_data_ptr(), gs.stride(0),
                        logits.const_data_ptr(), logits.stride(0), logits.size(1),
                        target.const_data_ptr<int64_t>(), target.stride(0), data_or_null(w), W,
-                       l.const_data_ptr<double>(), ignore_index, with_smooth, gx.mutable_data_ptr()};
+                       l.const_data_ptr<double>(), ignore_index, with_smooth, gx.mutable_data_ptr(),
+                       streams_well(gx)};
   ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   return gx;
 }

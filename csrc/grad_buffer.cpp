@@ -14,7 +14,9 @@ namespace {
 constexpr int64_t kMinBytes = 8 << 20;  // below this, malloc reuses memory by itself
 
 std::mutex mu;
-at::Tensor cached;
+// Two slots: a softmax forward output (saved for backward) and the backward's gradient alternate.
+at::Tensor cached[2];
+int next_victim = 0;
 
 bool enabled() {
   static const bool on = [] {
@@ -46,19 +48,26 @@ at::Tensor reusable_empty(at::IntArrayRef sizes, const at::TensorOptions& option
     return at::empty(sizes, options);
   }
   std::lock_guard<std::mutex> lock(mu);
-  if (cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1 &&
-      cached.dtype() == options.dtype() && cached.numel() == numel) {
-    return cached.view(sizes);  // a fresh TensorImpl over the idle storage
+  for (at::Tensor& c : cached) {
+    if (c.defined() && c.use_count() == 1 && c.storage().use_count() == 1 &&
+        c.dtype() == options.dtype() && c.numel() == numel) {
+      return c.view(sizes);  // a fresh TensorImpl over the idle storage
+    }
   }
-  cached = at::empty(sizes, options);
-  advise_huge_pages(cached);
-  return cached.view(sizes);  // callers never get our own TensorImpl, so its metadata stays ours
+  at::Tensor& slot = cached[next_victim];
+  next_victim ^= 1;
+  slot = at::empty(sizes, options);
+  advise_huge_pages(slot);
+  return slot.view(sizes);  // callers never get our own TensorImpl, so its metadata stays ours
 }
 
 int64_t empty_cache() {
   std::lock_guard<std::mutex> lock(mu);
-  const int64_t bytes = cached.defined() ? static_cast<int64_t>(cached.storage().nbytes()) : 0;
-  cached.reset();
+  int64_t bytes = 0;
+  for (at::Tensor& c : cached) {
+    if (c.defined()) bytes += static_cast<int64_t>(c.storage().nbytes());
+    c.reset();
+  }
   return bytes;
 }
 

@@ -136,12 +136,13 @@ SME_INLINE void softmax_write(const float* x, int64_t n, float m, float c, bool 
 // Cross-entropy gradient with index targets (the true class is fixed up by the caller):
 // out = alpha * exp((x - hi) - lo) - gs * w, the log-sum-exp split as hi + lo for accuracy.
 SME_INLINE void ce_index_grad(const float* x, const float* w, int64_t n, float hi, float lo,
-                              float alpha, float gs, float* out) {
+                              float alpha, float gs, float* out, bool stream = false) {
   const vf vh = splat(hi), vl = splat(lo), va = splat(alpha), vg = splat(gs);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vf p = vexp((loadu(x + i) - vh) - vl);
-    storeu(out + i, va * p - (w ? vg * loadu(w + i) : vg));
+    const vf r = va * p - (w ? vg * loadu(w + i) : vg);
+    if (stream) stream_store(out + i, r); else storeu(out + i, r);
   }
   if (i < n) {
     const int64_t k = n - i;
@@ -235,7 +236,7 @@ SME_INLINE void softmax_write(const double* x, int64_t n, double m, double c, bo
 }
 
 SME_INLINE void ce_index_grad(const double* x, const double* w, int64_t n, double hi, double lo,
-                              double alpha, double gs, double* out) {
+                              double alpha, double gs, double* out, bool = false) {
   for (int64_t i = 0; i < n; ++i)
     out[i] = alpha * std::exp((x[i] - hi) - lo) - gs * (w ? w[i] : 1.0);
 }

@@ -188,7 +188,7 @@ Shape3 shape3(const at::Tensor& t, int64_t dim) {
 at::Tensor softmax_fwd(const at::Tensor& input, int64_t dim, bool log) {
   check_floating(input, "softmax_fwd");
   const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = reusable_empty(x.sizes(), x.options());
   const Shape3 s = shape3(x, dim);
   if (x.numel() == 0) return y;
   const SoftmaxFwdArgs a{x.const_data_ptr(), y.mutable_data_ptr(), s.C, s.inner, log};
