@@ -29,32 +29,6 @@ SME_INLINE A safe_shift(A m) {
 
 // ---- float: SIMD -------------------------------------------------------------------------------
 
-SME_INLINE float max_of(const float* x, int64_t n) {
-  vf m0 = splat(-kInf), m1 = splat(-kInf);
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    m0 = vmax(loadu(x + i), m0);
-    m1 = vmax(loadu(x + i + kLanes), m1);
-  }
-  for (; i + kLanes <= n; i += kLanes) m0 = vmax(loadu(x + i), m0);
-  if (i < n) m1 = vmax(load_part(x + i, n - i, -kInf), m1);
-  return hmax(vmax(m0, m1));
-}
-
-// sum exp(x - m); lanes past n contribute exp(-inf) = 0.
-SME_INLINE float sum_exp(const float* x, int64_t n, float m) {
-  const vf vm = splat(m);
-  vf s0 = splat(0.0f), s1 = splat(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    s0 += vexp(loadu(x + i) - vm);
-    s1 += vexp(loadu(x + i + kLanes) - vm);
-  }
-  for (; i + kLanes <= n; i += kLanes) s0 += vexp(loadu(x + i) - vm);
-  if (i < n) s1 += vexp(load_part(x + i, n - i, -kInf) - vm);
-  return hsum(s0 + s1);
-}
-
 // One chunk of a row folded into the running (m, s) of its log-sum-exp: the max pass, then the
 // exp-sum pass from L1. The partial last vector is loaded once and kept in a register for both.
 SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s) {
