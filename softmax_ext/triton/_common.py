@@ -143,6 +143,18 @@ def online_lse_update(m, s, x, mask):
 
 
 @triton.jit
+def rows_online_lse(x_rows, row_ok, C, m, s, IS_F64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Fold every class block of rows (unit class stride) into the running (m, s)."""
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_ok[:, None] & (c[None, :] < C)
+        x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
+        m, s = online_lse_update(m, s, x, mask)
+    return m, s
+
+
+@triton.jit
 def finite_shift(m):
     """The row max used as shift: 0 for an all -inf (or empty) row, so x - shift stays -inf."""
     return tl.where(m == float("-inf"), 0.0, m)

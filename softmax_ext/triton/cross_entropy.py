@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (acc_dtype, check_dtype, check_targets, check_weight, finite_shift,
-                      lse_to_f64, num_warps, on_device, online_lse_update, split_lse, tile_shape,
-                      unit_class_stride, upcast)
+                      lse_to_f64, num_warps, on_device, online_lse_update, rows_online_lse,
+                      split_lse, tile_shape, unit_class_stride, upcast)
 
 
 @triton.jit
@@ -61,12 +61,7 @@ def _ce_index_fwd_kernel(
                 term = tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :] * term
             smooth = tl.sum(tl.where(mask, term, 0.0), axis=1)
     else:
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + cols
-            mask = row_ok[:, None] & (c[None, :] < C)
-            x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")),
-                       IS_F64)
-            m, s = online_lse_update(m, s, x, mask)
+        m, s = rows_online_lse(x_rows, row_ok, C, m, s, IS_F64, BLOCK_C)
         shift = finite_shift(m)
         log_s = tl.log(s)
         if WITH_SMOOTH:
