@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "grad_buffer.h"
+#include "row_block.h"
 #include "row_ops.h"
 
 namespace sme {
@@ -47,9 +48,50 @@ struct IndexFwdArgs {
   double* lse;
 };
 
+// Rows [i0, i0 + k), k <= kLanes, C <= kBlockMaxC, float accumulation: the row path's arithmetic
+// on a transposed block (same shift rules: exp relative to the max, or to 0 in an all -inf row; the
+// smoothing sum relative to the max, or to 0 where the max is not finite).
+template <typename T>
+SME_INLINE void ce_index_fwd_block(const IndexFwdArgs& a, int64_t i0, int64_t k) {
+  alignas(64) float xt[kBlockMaxC * kLanes], mv[kLanes], lsv[kLanes], shv[kLanes], wdv[kLanes];
+  const int64_t C = a.C;
+  const float* w = static_cast<const float*>(a.w);
+  load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
+  vf m = splat(-kInf);
+  for (int64_t c = 0; c < C; ++c) m = vmax(loadu(xt + c * kLanes), m);
+  const vf shift_exp = m == -kInf ? splat(0.0f) : m, shift = finite_or_zero(m);
+  vf s = splat(0.0f), wd = splat(0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    const vf x = loadu(xt + c * kLanes);
+    s += vexp(x - shift_exp);
+    if (a.with_smooth) wd += w ? (x - shift) * w[c] : x - shift;
+  }
+  storeu(mv, m);
+  storeu(lsv, vlog(s));
+  storeu(shv, shift);
+  storeu(wdv, wd);
+  for (int64_t l = 0; l < k; ++l) {
+    const int64_t i = i0 + l, t = a.target[i * a.target_stride];
+    a.lse[i] = static_cast<double>(mv[l]) + static_cast<double>(lsv[l]);
+    float nll = 0, smooth = 0;
+    if (t != a.ignore_index) {
+      nll = (w ? w[t] : 1.0f) * ((mv[l] - xt[t * kLanes + l]) + lsv[l]);
+      if (a.with_smooth) smooth = static_cast<float>(a.W) * ((mv[l] - shv[l]) + lsv[l]) - wdv[l];
+    }
+    static_cast<float*>(a.nll)[i] = nll;
+    static_cast<float*>(a.smooth)[i] = smooth;
+  }
+}
+
 template <typename T>
 SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  if constexpr (std::is_same_v<A, float>) {
+    if (a.C <= kBlockMaxC) {
+      for (int64_t i = begin; i < end; i += kLanes) ce_index_fwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      return;
+    }
+  }
   alignas(64) A xbuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
   for (int64_t i = begin; i < end; ++i) {
@@ -94,9 +136,51 @@ struct IndexBwdArgs {
   bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
 };
 
+// Rows [i0, i0 + k) of the backward on a transposed block (C <= kBlockMaxC, float accumulation).
+template <typename T>
+SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k) {
+  alignas(64) float xt[kBlockMaxC * kLanes], hv[kLanes] = {}, lv[kLanes] = {}, av[kLanes] = {},
+                                             gv[kLanes] = {};
+  const int64_t C = a.C;
+  const float* w = static_cast<const float*>(a.w);
+  for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
+    const int64_t i = i0 + l, t = a.target[i * a.target_stride];
+    if (t == a.ignore_index) continue;
+    const float gs = a.with_smooth ? static_cast<const float*>(a.grad_smooth)[i * a.gs_stride] : 0.0f;
+    hv[l] = static_cast<float>(a.lse[i]);
+    lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
+    av[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f) +
+            gs * static_cast<float>(a.W);
+    gv[l] = gs;
+  }
+  load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
+  const vf vh = loadu(hv), vl = loadu(lv), va = loadu(av), vg = loadu(gv);
+  for (int64_t c = 0; c < C; ++c) {
+    const vf p = vexp((loadu(xt + c * kLanes) - vh) - vl);
+    storeu(xt + c * kLanes, va * p - (w ? vg * w[c] : vg));
+  }
+  for (int64_t l = 0; l < k; ++l) {
+    const int64_t i = i0 + l, t = a.target[i * a.target_stride];
+    T* gr = static_cast<T*>(a.gx) + i * C;
+    if (t == a.ignore_index) {
+      std::memset(static_cast<void*>(gr), 0, C * sizeof(T));
+      continue;
+    }
+    // the true-class term, in float and then rounded once (as the row path does)
+    xt[t * kLanes + l] -= static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
+    store_block_row(xt, l, C, gr);
+  }
+}
+
 template <typename T>
 SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  if constexpr (std::is_same_v<A, float>) {
+    if (a.C <= kBlockMaxC) {
+      for (int64_t i = begin; i < end; i += kLanes) ce_index_bwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      return;
+    }
+  }
   alignas(64) A xbuf[kChunk], obuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
   for (int64_t i = begin; i < end; ++i) {

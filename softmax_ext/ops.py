@@ -52,6 +52,13 @@ _SCHEMAS = {
         "(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse,"
         " Tensor tsum, float label_smoothing) -> Tensor"
     ),
+    # The whole class-index loss, reduced (reduction: 0 none, 1 mean, 2 sum, as torch's enum) and
+    # differentiable through a C++ autograd node that calls ce_index_fwd / ce_index_bwd
+    # (csrc/cross_entropy_autograd.cpp). Result in the accumulation dtype.
+    "cross_entropy_index": (
+        "(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+        " int reduction) -> Tensor"
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -98,6 +105,12 @@ def _ce_soft_bwd_fake(grad_loss, logits, target, weight, lse, tsum, label_smooth
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::cross_entropy_index")
+def _cross_entropy_index_fake(logits, target, weight, ignore_index, label_smoothing, reduction):
+    shape = (logits.shape[0],) if reduction == 0 else ()
+    return logits.new_empty(shape, dtype=acc_dtype(logits.dtype))
+
+
 def dispatched() -> SimpleNamespace:
     """The operators as the dispatcher serves them (CPU → C++, CUDA → Triton)."""
     ops = getattr(torch.ops, NAMESPACE)
@@ -120,7 +133,10 @@ def kernels_for(backend: str, device: torch.device) -> SimpleNamespace:
 
 
 def resolve_kernels(backend: str, device: torch.device) -> SimpleNamespace:
-    """Return the six kernels (named as in the schemas) that serve ``backend`` on ``device``.
+    """Return the operators (named as in the schemas) that serve ``backend`` on ``device``.
+
+    Triton's interpreter namespace has the six per-row kernels only, not ``cross_entropy_index``:
+    callers fall back to the Python autograd Function there.
 
     "auto" picks C++ on CPU and Triton on CUDA. "triton" on a CPU tensor runs the Triton kernels
     directly through Triton's interpreter (``TRITON_INTERPRET=1``); the dispatcher cannot route

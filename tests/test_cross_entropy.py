@@ -34,7 +34,11 @@ def run_both(x, target, backend, **kw):
     xb = x.detach().clone().requires_grad_()
     ours = se.cross_entropy(xa, target, backend=backend, **kw)
     theirs = F.cross_entropy(xb, target, **kw)
-    g = torch.randn_like(theirs)
+    # The same upstream gradient on every call with this shape, whatever the dtype (values rounded
+    # to bfloat16 are exact in all four), so that a float64 reference run sees it too.
+    gen = torch.Generator(device=theirs.device).manual_seed(99)
+    g = torch.randn(theirs.shape, generator=gen, device=theirs.device, dtype=torch.float64)
+    g = g.to(torch.bfloat16).to(theirs.dtype)
     ours.backward(g)
     theirs.backward(g)
     return ours, theirs, xa.grad, xb.grad
@@ -221,3 +225,62 @@ def test_channels_last_spatial(backend, device):
     ours, theirs, ga, gb = run_both(x, t, backend)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ga, gb)
+
+
+# Float accumulation has two CPU code paths: rows of up to 32 classes go 16 at a time through
+# transposed blocks, longer rows through chunks. The float64 tests above reach neither.
+@pytest.mark.parametrize("n_classes", [1, 10, 32, 33, 301])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)])
+def test_float_paths_every_option(n_classes, dtype, weighted, smoothing, backend, device):
+    rows = 45  # two full blocks of 16 and a partial one of 13
+    wide = torch.randn(rows, n_classes + 5, dtype=torch.float64, device=device) * 4
+    x64 = wide[:, 2:2 + n_classes]  # a row stride that is not the class count
+    x = x64.to(dtype)
+    t = torch.randint(0, n_classes, (rows,), device=device)
+    t[[3, 17, 44]] = -100  # ignored rows inside full and partial blocks
+    w = (torch.rand(n_classes, device=device) + 0.5).to(dtype) if weighted else None
+    eps = torch.finfo(dtype).eps
+    for reduction in ("none", "mean", "sum"):
+        kw = dict(reduction=reduction, label_smoothing=smoothing)
+        ours, theirs, ga, gb = run_both(x, t, backend, weight=w, **kw)
+        ref, _, gref, _ = run_both(x.double(), t, "torch",
+                                   weight=None if w is None else w.double(), **kw)
+        assert ours.dtype == dtype
+        assert_no_worse_than_torch(ours, theirs, ref, atol=4 * eps * float(ref.abs().max()))
+        # scale of the per-row upstream gradient: with one class every gradient is a rounding
+        # residual of terms that cancel, of that size
+        g_row = (4.0 / rows if reduction == "mean" else 4.0) * (1.5 if weighted else 1.0)
+        g_scale = max(float(gref.abs().max()), g_row)
+        assert_no_worse_than_torch(ga, gb, gref, atol=4 * eps * g_scale)
+        assert torch.all(ga[[3, 17, 44]] == 0)
+
+
+@pytest.mark.parametrize("n_classes", [7, 33])
+def test_float32_hostile_and_nonfinite_rows(n_classes, backend, device):
+    x = torch.randn(20, n_classes, device=device)
+    x[0, 2] = float("inf")
+    x[1, 3] = float("nan")
+    x[2, :] = float("-inf")
+    x[3, :] = 2.5                                   # all equal
+    x[4, :] += 1000.0                               # shifted
+    x[5, :2] = torch.tensor([1e4, -1e4])            # huge
+    x[6, 1] = float("-inf")                         # the true class at -inf
+    x[7, :] = float("-inf")                         # ignored: a zero gradient even so
+    t = torch.randint(0, n_classes, (20,), device=device)
+    t[6], t[7] = 1, -100
+    for smoothing in (0.0, 0.1):
+        ours, theirs, ga, gb = run_both(x, t, backend, reduction="none", label_smoothing=smoothing)
+        assert_same_nonfinite(ours, theirs)
+        # torch's gradient of an ignored all -inf row is NaN (0 times its NaN softmax); an ignored
+        # row contributes no gradient here, so it is 0
+        assert torch.all(ga[7] == 0)
+        ga[7], gb[7] = 0.0, 0.0
+        assert_same_nonfinite(ga, gb)
+        ref, _, gref, _ = run_both(x.double(), t, "torch", reduction="none",
+                                   label_smoothing=smoothing)
+        finite = ref.isfinite()
+        eps = torch.finfo(torch.float32).eps
+        assert_no_worse_than_torch(ours[finite], theirs[finite], ref[finite], atol=8 * eps * 1e4)
+        gfinite = gref.isfinite().all(1)
+        assert_no_worse_than_torch(ga[gfinite], gb[gfinite], gref[gfinite], atol=4 * eps)

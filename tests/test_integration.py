@@ -31,10 +31,15 @@ def _opcheck_cases():
         (OPS.ce_index_bwd, (g, g.clone(), x, t, w, lse, -100, True)),
         (OPS.ce_soft_fwd, (x, p, None, 0.0)),
         (OPS.ce_soft_bwd, (g, x, p, w, lse_s, tsum, 0.1)),
+        # the fused, reduced loss with its C++ autograd node (inputs that need a gradient make
+        # opcheck test the autograd registration too): mean with weights, none, sum with smoothing
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.0, 1)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t.clamp(min=0), None, 2, 0.0, 0)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.2, 2)),
     ]
 
 
-@pytest.mark.parametrize("i", range(8))
+@pytest.mark.parametrize("i", range(11))
 def test_opcheck(i):
     op, args = _opcheck_cases()[i]
     torch.library.opcheck(op, args)

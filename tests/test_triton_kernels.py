@@ -398,6 +398,8 @@ def test_cuda_opcheck(dtype):
         (ops_.ce_index_bwd, (g[:1].expand(6), g, x, t, None, lse, -100, False)),
         (ops_.ce_soft_fwd, (x, p, None, 0.0)),
         (ops_.ce_soft_bwd, (g, x, p, w, lse_s, tsum, 0.1)),
+        (ops_.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.1, 1)),
+        (ops_.cross_entropy_index, (x.clone().requires_grad_(), t, None, -100, 0.0, 0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
