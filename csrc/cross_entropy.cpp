@@ -23,8 +23,8 @@ struct RowStats {
   A s = 0;
   A shift = 0;        // reference r for the shifted sums (first finite chunk max)
   bool shift_set = false;
-  SME_INLINE void add(const A* x, int64_t n) {
-    chunk_lse(x, n, m, s);
+  SME_INLINE void add(const A* x, int64_t n, const void* next) {
+    chunk_lse(x, n, m, s, next);
     if (!shift_set) {  // after the first chunk m is that chunk's max
       shift = std::isfinite(m) ? m : A(0);
       shift_set = true;
@@ -63,7 +63,7 @@ SME_INLINE void ce_index_fwd_block(const IndexFwdArgs& a, int64_t i0, int64_t k)
   vf s = splat(0.0f), wd = splat(0.0f);
   for (int64_t c = 0; c < C; ++c) {
     const vf x = loadu(xt + c * kLanes);
-    s += vexp(x - shift_exp);
+    s += vexp_nonpos(x - shift_exp);
     if (a.with_smooth) wd += w ? (x - shift) * w[c] : x - shift;
   }
   storeu(mv, m);
@@ -103,7 +103,7 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       const A* x = to_acc(xr + c0, n, xbuf);
-      st.add(x, n);
+      st.add(x, n, next_chunk(xr, c0, n, a.C, a.row_stride, i + 1 == end));
       if (a.with_smooth && !ignored) wdot += wdot_shift(x, w ? w + c0 : nullptr, n, st.shift);
     }
     const A ls = std::log(st.s);
@@ -237,7 +237,7 @@ SME_INLINE void ce_soft_fwd_rows(const SoftFwdArgs& a, int64_t begin, int64_t en
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       const A* x = to_acc(xr + c0, n, xbuf);
-      st.add(x, n);
+      st.add(x, n, next_chunk(xr, c0, n, a.C, a.row_stride, i + 1 == end));
       soft_sums(x, to_acc(tr + c0, n, tbuf), w ? w + c0 : nullptr, n, qa, qb, st.shift, tsum, tx);
     }
     const A ls = std::log(st.s);

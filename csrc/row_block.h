@@ -15,33 +15,6 @@ namespace sme {
 // Largest class count served by blocks (the transposed block then fills 2 KB of L1).
 constexpr int64_t kBlockMaxC = 32;
 
-// ln(x) in float, about 1 ulp, for x >= 1 (sums of exponentials shifted by their max), 0 (-> -inf),
-// +inf and NaN: Cephes' logf, x = f * 2^e with f in [sqrt(1/2), sqrt(2)).
-SME_INLINE vf vlog(vf x) {
-  const vi bits = (vi)x;
-  vi e = ((bits >> 23) & 0xff) - 126;
-  vf f = (vf)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const vi below = f < 0.707106781186547524f;       // lanes of -1 (true) or 0
-  e += below;
-  f = f - 1.0f + (vf)((vi)f & below);  // 2f - 1 where below, f - 1 elsewhere
-  const vf fe = __builtin_convertvector(e, vf);
-  const vf z = f * f;
-  vf p = splat(7.0376836292e-2f);
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  vf y = p * f * z + fe * -2.12194440e-4f - 0.5f * z;
-  vf r = f + y + fe * 0.693359375f;
-  r = x == 0.0f ? splat(-kInf) : r;
-  r = x == kInf ? splat(kInf) : r;
-  return x != x ? x : r;
-}
-
 // Lanes whose value is finite (x - x is 0 only then).
 SME_INLINE vf finite_or_zero(vf x) { return x - x == 0.0f ? x : splat(0.0f); }
 

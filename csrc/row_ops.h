@@ -29,9 +29,20 @@ SME_INLINE A safe_shift(A m) {
 
 // ---- float: SIMD -------------------------------------------------------------------------------
 
+// Where a walk over rows [.., end) in chunks reads after the chunk [c0, c0 + n) of row i: the next
+// chunk of the row, the start of the next row, or nothing.
+template <typename T>
+SME_INLINE const void* next_chunk(const T* xr, int64_t c0, int64_t n, int64_t C, int64_t row_stride,
+                                  bool last_row) {
+  if (c0 + n < C) return xr + c0 + n;
+  return last_row ? nullptr : xr + row_stride;
+}
+
 // One chunk of a row folded into the running (m, s) of its log-sum-exp: the max pass, then the
 // exp-sum pass from L1. The partial last vector is loaded once and kept in a register for both.
-SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s) {
+// The max pass waits on memory and the exp pass on arithmetic; so that the two overlap, the exp
+// pass prefetches `next` (the raw data read after this chunk, or nullptr), a line per 16 values.
+SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s, const void* next = nullptr) {
   const int64_t full = n & ~int64_t(kLanes - 1);
   const vf tail = full < n ? load_part(x + full, n - full, -kInf) : splat(-kInf);
   vf m0 = tail, m1 = splat(-kInf);
@@ -43,12 +54,17 @@ SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s) {
   if (i < full) m0 = vmax(loadu(x + i), m0);
   online_merge(hmax(vmax(m0, m1)), m, s);
   const vf vm = splat(safe_shift(m));
-  vf s0 = full < n ? vexp(tail - vm) : splat(0.0f), s1 = splat(0.0f);
+  vf s0 = full < n ? vexp_nonpos(tail - vm) : splat(0.0f), s1 = splat(0.0f);
+  const char* pf = static_cast<const char*>(next);
   for (i = 0; i + 2 * kLanes <= full; i += 2 * kLanes) {
-    s0 += vexp(loadu(x + i) - vm);
-    s1 += vexp(loadu(x + i + kLanes) - vm);
+    if (pf) {
+      __builtin_prefetch(pf + 4 * i, 0, 3);
+      __builtin_prefetch(pf + 4 * i + 64, 0, 3);
+    }
+    s0 += vexp_nonpos(loadu(x + i) - vm);
+    s1 += vexp_nonpos(loadu(x + i + kLanes) - vm);
   }
-  if (i < full) s0 += vexp(loadu(x + i) - vm);
+  if (i < full) s0 += vexp_nonpos(loadu(x + i) - vm);
   s += hsum(s0 + s1);
 }
 
@@ -184,7 +200,7 @@ SME_INLINE double sum_exp(const double* x, int64_t n, double m) {
   return s;
 }
 
-SME_INLINE void chunk_lse(const double* x, int64_t n, double& m, double& s) {
+SME_INLINE void chunk_lse(const double* x, int64_t n, double& m, double& s, const void* = nullptr) {
   online_merge(max_of(x, n), m, s);
   s += sum_exp(x, n, safe_shift(m));
 }

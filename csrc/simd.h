@@ -73,27 +73,74 @@ SME_INLINE float hsum(vf v) {
   return v[0];
 }
 
-// exp(x) in float, about 1 ulp on [-87.3, 88]: Cody-Waite range reduction x = n ln2 + r and the
-// degree-6 Cephes polynomial for exp(r). NaN propagates; x < -87.3 (and -inf) gives 0, x > 88 inf.
-SME_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.3365447505f), hi = splat(88.0f), magic = splat(12582912.0f);
-  vf xc = x < lo ? lo : x;  // NaN compares false and is kept
-  xc = xc > hi ? hi : xc;
-  const vf nb = xc * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
-  const vf n = nb - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+// exp(r) - 1 - r for |r| <= ln2 / 2, the degree-6 Cephes polynomial (about 1 ulp in exp).
+SME_INLINE vf expm1_poly(vf r) {
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const vi e = ((vi)nb - (vi)magic + 127) << 23;  // 2^n
-  vf res = p * (vf)e;
-  res = x < lo ? splat(0.0f) : res;
-  return x > hi ? splat(kInf) : res;
+  return p * (r * r);
+}
+
+// Range reduction shared by the exps: x = n ln2 + r (Cody-Waite, two steps), and 2^n as float bits.
+// Adding magic = 1.5 * 2^23 + 127 rounds x / ln2 to an integer held in the low mantissa bits, offset
+// by the exponent bias, so that one shift makes 2^n.
+SME_INLINE vf exp_reduced(vf xc) {
+  const vf magic = splat(12583039.0f);
+  const vf nb = xc * 1.44269504088896341f + magic;
+  const vf n = nb - magic;
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  return (expm1_poly(r) + r + 1.0f) * (vf)((vi)nb << 23);
+}
+
+// exp(x) in float, about 1 ulp on [-87.3, 88]: NaN propagates; x < -87.3 (and -inf) gives 0,
+// x > 88 inf.
+SME_INLINE vf vexp(vf x) {
+  const vf lo = splat(-87.3365447505f), hi = splat(88.0f);
+  vf xc = x < lo ? lo : x;  // NaN compares false and is kept
+  xc = xc > hi ? hi : xc;
+  const vf res = exp_reduced(xc);
+  return x > hi ? splat(kInf) : (x < lo ? splat(0.0f) : res);
+}
+
+// exp(x) for x <= 0 or NaN, the terms of a sum of exponentials shifted by its max (which holds
+// exp(0) = 1): vexp less its overflow and underflow selects, a third of the forward's arithmetic.
+// Below -87.3 it returns exp(-87.3) ~ 1e-38 instead of 0, nothing next to that 1. A row whose max
+// is -inf sums such terms instead of zeros, and its log-sum-exp stays -inf (the max plus a finite
+// log).
+SME_INLINE vf vexp_nonpos(vf x) {
+  const vf lo = splat(-87.3365447505f);
+  return exp_reduced(x < lo ? lo : x);
+}
+
+// ln(x) in float, about 1 ulp, for normal x > 0 (sums of exponentials shifted by their max are >= 1),
+// 0 (-> -inf), +inf and NaN: Cephes' logf, x = f * 2^e with f in [sqrt(1/2), sqrt(2)).
+SME_INLINE vf vlog(vf x) {
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;
+  vf f = (vf)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const vi below = f < 0.707106781186547524f;       // lanes of -1 (true) or 0
+  e += below;
+  f = f - 1.0f + (vf)((vi)f & below);  // 2f - 1 where below, f - 1 elsewhere
+  const vf fe = __builtin_convertvector(e, vf);
+  const vf z = f * f;
+  vf p = splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  vf y = p * f * z + fe * -2.12194440e-4f - 0.5f * z;
+  vf r = f + y + fe * 0.693359375f;
+  r = x == 0.0f ? splat(-kInf) : r;
+  r = x == kInf ? splat(kInf) : r;
+  return x != x ? x : r;
 }
 
 SME_INLINE float sexp(float x) { return vexp(splat(x))[0]; }

@@ -38,7 +38,7 @@ SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t
     A m = -std::numeric_limits<A>::infinity(), s = 0;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      chunk_lse(to_acc(xr + c0, n, xbuf), n, m, s);
+      chunk_lse(to_acc(xr + c0, n, xbuf), n, m, s, next_chunk(xr, c0, n, C, C, i + 1 == end));
     }
     const A c = a.log ? std::log(s) : A(1) / s;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
@@ -122,9 +122,8 @@ SME_INLINE void softmax_fwd_tiles(const SoftmaxFwdArgs& a, int64_t begin, int64_
       vf m = splat(-kInf), s = splat(0.0f);
       for (int64_t c = 0; c < C; ++c) m = vmax(load_lanes(x + c * inner, k), m);
       const vf sh = m == splat(-kInf) ? splat(0.0f) : m;
-      for (int64_t c = 0; c < C; ++c) s += vexp(load_lanes(x + c * inner, k) - sh);
-      vf cst;
-      for (int l = 0; l < kLanes; ++l) cst[l] = a.log ? std::log(s[l]) : 1.0f / s[l];
+      for (int64_t c = 0; c < C; ++c) s += vexp_nonpos(load_lanes(x + c * inner, k) - sh);
+      const vf cst = a.log ? vlog(s) : 1.0f / s;
       for (int64_t c = 0; c < C; ++c) {
         const vf d = load_lanes(x + c * inner, k) - m;
         store_lanes(y + c * inner, a.log ? d - cst : vexp(d) * cst, k);
