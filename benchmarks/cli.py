@@ -64,6 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="CPU: restart with THP_MEM_ALLOC_ENABLE=1 so large tensors get "
                          "transparent huge pages (fresh gradients then fault in far faster)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="no untimed call before each single-call repetition (see docs)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results/<device>)")
@@ -104,6 +106,7 @@ def build_config(args: argparse.Namespace) -> Config:
         warmup_s=args.warmup_ms / 1e3 if args.warmup_ms else (0.02 if quick else 0.05),
         copy_mib=args.copy_mib or (64 if quick else (1024 if gpu else 256)),
         memory=not args.no_memory,
+        settle=not args.no_settle,
         plots=not args.no_plots,
         out=args.out,
         seed=args.seed,

@@ -50,6 +50,8 @@ class Config:
     rep_target_s: float = 0.02
     warmup_s: float = 0.05
     copy_mib: int = 256
+    # One untimed call before each single-call repetition (see timing.interleaved).
+    settle: bool = True
     memory: bool = True
     plots: bool = True
     out: Optional[Path] = None

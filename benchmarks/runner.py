@@ -54,7 +54,9 @@ def impl_key(name: str) -> str:
 
 def choose_reps(cfg: Config, cals: Dict[str, Calibration], direction: str) -> int:
     """cfg.reps, fewer (not below cfg.min_reps) when one round would overrun the group budget."""
-    per_round = sum(c.inner * c.call_s for c in cals.values())
+    # a settled single-call repetition runs twice
+    per_round = sum(c.inner * c.call_s * (2 if cfg.settle and c.inner == 1 else 1)
+                    for c in cals.values())
     if direction == "bwd":
         per_round *= 2  # the untimed forward before each backward costs about as much
     if per_round <= 0:
@@ -113,6 +115,7 @@ class Sweep:
                        "impls": list(cfg.impls), "dtypes": list(cfg.dtypes),
                        "shapes": [list(s) for s in cfg.shapes], "reps": cfg.reps,
                        "group_budget_s": cfg.group_budget_s, "rep_target_s": cfg.rep_target_s,
+                       "settle": cfg.settle,
                        "suite": cfg.suite},
             "records": self.records,
             "errors": self.errors,
@@ -173,7 +176,8 @@ class Sweep:
             return
         reps = choose_reps(cfg, cals, direction)
         samples = interleaved(steps, {n: c.inner for n, c in cals.items()}, self.timer, reps,
-                              on_error=lambda name, err: self.error(where, name, err))
+                              on_error=lambda name, err: self.error(where, name, err),
+                              settle=cfg.settle)
         del steps
         _free(cfg.device, size)
         nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"],

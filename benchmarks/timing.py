@@ -122,13 +122,19 @@ def calibrate(step: Step, timer, warmup_s: float, rep_target_s: float,
 
 
 def interleaved(steps: Dict[str, Step], inner: Dict[str, int], timer, reps: int,
-                on_error: Optional[Callable[[str, BaseException], None]] = None
-                ) -> Dict[str, List[float]]:
+                on_error: Optional[Callable[[str, BaseException], None]] = None,
+                settle: bool = False) -> Dict[str, List[float]]:
     """Time every step ``reps`` times, round-robin, rotating the order each round.
 
     Interleaving spreads slow drifts of the machine (clocks, a neighbour's load) over all
     implementations alike instead of penalising whichever happens to run last. A step that
     raises is reported to ``on_error`` (re-raised without one) and leaves the rotation.
+
+    ``settle``: a repetition that is a single call (a long one) follows one untimed call of the
+    same step. On a VM the first writes after another implementation's multi-GB allocations run up
+    to 3x slower (measured on the CPU VM: a 1 GB ``copy_`` into a preallocated tensor took
+    100-250 ms right after torch eager's cross-entropy step, 66 ms otherwise); the copy floor is
+    measured in steady state, so each implementation is too.
     """
     names = list(steps)
     samples: Dict[str, List[float]] = {n: [] for n in names}
@@ -136,6 +142,8 @@ def interleaved(steps: Dict[str, Step], inner: Dict[str, int], timer, reps: int,
         k = r % len(names) if names else 0
         for name in names[k:] + names[:k]:
             try:
+                if settle and inner[name] == 1:
+                    timer.measure(steps[name], 1)
                 samples[name].append(timer.measure(steps[name], inner[name]))
             except Exception as err:  # e.g. out of memory: drop this implementation, keep going
                 if on_error is None:

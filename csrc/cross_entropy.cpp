@@ -156,7 +156,7 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
   const vf vh = loadu(hv), vl = loadu(lv), va = loadu(av), vg = loadu(gv);
   for (int64_t c = 0; c < C; ++c) {
-    const vf p = vexp((loadu(xt + c * kLanes) - vh) - vl);
+    const vf p = vexp_shifted((loadu(xt + c * kLanes) - vh) - vl);
     storeu(xt + c * kLanes, va * p - (w ? vg * w[c] : vg));
   }
   for (int64_t l = 0; l < k; ++l) {

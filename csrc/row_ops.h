@@ -115,11 +115,11 @@ SME_INLINE void softmax_write(const float* x, int64_t n, float m, float c, bool 
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vf d = loadu(x + i) - vm;
-    storeu(out + i, log ? d - vc : vexp(d) * vc);
+    storeu(out + i, log ? d - vc : vexp_shifted(d) * vc);
   }
   if (i < n) {
     const vf d = load_part(x + i, n - i, 0.0f) - vm;
-    store_part(out + i, log ? d - vc : vexp(d) * vc, n - i);
+    store_part(out + i, log ? d - vc : vexp_shifted(d) * vc, n - i);
   }
 }
 
@@ -130,13 +130,13 @@ SME_INLINE void ce_index_grad(const float* x, const float* w, int64_t n, float h
   const vf vh = splat(hi), vl = splat(lo), va = splat(alpha), vg = splat(gs);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const vf p = vexp((loadu(x + i) - vh) - vl);
+    const vf p = vexp_shifted((loadu(x + i) - vh) - vl);
     const vf r = va * p - (w ? vg * loadu(w + i) : vg);
     if (stream) stream_store(out + i, r); else storeu(out + i, r);
   }
   if (i < n) {
     const int64_t k = n - i;
-    const vf p = vexp((load_part(x + i, k, -kInf) - vh) - vl);
+    const vf p = vexp_shifted((load_part(x + i, k, -kInf) - vh) - vl);
     store_part(out + i, va * p - (w ? vg * load_part(w + i, k, 0.0f) : vg), k);
   }
 }
@@ -149,13 +149,13 @@ SME_INLINE void ce_soft_grad(const float* x, const float* t, const float* w, int
   for (; i + kLanes <= n; i += kLanes) {
     vf q = loadu(t + i) * c1 + c0;
     if (w) q *= loadu(w + i);
-    storeu(out + i, vg * vexp((loadu(x + i) - vh) - vl) - q);
+    storeu(out + i, vg * vexp_shifted((loadu(x + i) - vh) - vl) - q);
   }
   if (i < n) {
     const int64_t k = n - i;
     vf q = load_part(t + i, k, 0.0f) * c1 + c0;
     if (w) q *= load_part(w + i, k, 0.0f);
-    store_part(out + i, vg * vexp((load_part(x + i, k, -kInf) - vh) - vl) - q, k);
+    store_part(out + i, vg * vexp_shifted((load_part(x + i, k, -kInf) - vh) - vl) - q, k);
   }
 }
 
@@ -178,11 +178,11 @@ SME_INLINE void softmax_bwd_write(const float* g, const float* y, int64_t n, flo
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vf vg = loadu(g + i), vy = loadu(y + i);
-    storeu(out + i, log ? vg - vexp(vy) * vs : vy * (vg - vs));
+    storeu(out + i, log ? vg - vexp_shifted(vy) * vs : vy * (vg - vs));
   }
   if (i < n) {
     const vf vg = load_part(g + i, n - i, 0.0f), vy = load_part(y + i, n - i, 0.0f);
-    store_part(out + i, log ? vg - vexp(vy) * vs : vy * (vg - vs), n - i);
+    store_part(out + i, log ? vg - vexp_shifted(vy) * vs : vy * (vg - vs), n - i);
   }
 }
 

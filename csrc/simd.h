@@ -73,47 +73,43 @@ SME_INLINE float hsum(vf v) {
   return v[0];
 }
 
-// exp(r) - 1 - r for |r| <= ln2 / 2, the degree-6 Cephes polynomial (about 1 ulp in exp).
-SME_INLINE vf expm1_poly(vf r) {
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return p * (r * r);
-}
-
-// Range reduction shared by the exps: x = n ln2 + r (Cody-Waite, two steps), and 2^n as float bits.
-// Adding magic = 1.5 * 2^23 + 127 rounds x / ln2 to an integer held in the low mantissa bits, offset
-// by the exponent bias, so that one shift makes 2^n.
-SME_INLINE vf exp_reduced(vf xc) {
+// 2^y for y in [-126, 127] (NaN propagates): y = n + r with n = round(y), |r| <= 1/2; 2^r by a
+// degree-6 polynomial fitted for relative error (1.6 ulp evaluated in float, exact at r = 0), 2^n
+// from the bits. Adding magic = 1.5 * 2^23 + 127 rounds y to an integer held in the low mantissa
+// bits, offset by the exponent bias, so that one shift makes 2^n.
+SME_INLINE vf exp2_clamped(vf y) {
   const vf magic = splat(12583039.0f);
-  const vf nb = xc * 1.44269504088896341f + magic;
-  const vf n = nb - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  return (expm1_poly(r) + r + 1.0f) * (vf)((vi)nb << 23);
+  const vf nb = y + magic;
+  const vf r = y - (nb - magic);  // exact
+  vf p = splat(1.5357408847e-04f);
+  p = p * r + 1.3400306925e-03f;
+  p = p * r + 9.6184331924e-03f;
+  p = p * r + 5.5503286421e-02f;
+  p = p * r + 2.4022647738e-01f;
+  p = p * r + 6.9314718246e-01f;
+  p = p * r + 1.0f;
+  return p * (vf)((vi)nb << 23);
 }
 
-// exp(x) in float, about 1 ulp on [-87.3, 88]: NaN propagates; x < -87.3 (and -inf) gives 0,
-// x > 88 inf.
-SME_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.3365447505f), hi = splat(88.0f);
-  vf xc = x < lo ? lo : x;  // NaN compares false and is kept
-  xc = xc > hi ? hi : xc;
-  const vf res = exp_reduced(xc);
-  return x > hi ? splat(kInf) : (x < lo ? splat(0.0f) : res);
+// exp(d) for d = a value minus its row's max or log-sum-exp, so d <= 0 up to rounding: computed as
+// 2^(d log2 e), whose relative error grows like |d| * 6e-8 (the rounding of d log2 e), the same
+// order as PyTorch's exp(x - lse) in float. d < -87.3 (and -inf) gives 0; d above 88 (never, for a
+// real log-sum-exp) is held at 2^127 instead of inf, so no argument gives garbage.
+SME_INLINE vf vexp_shifted(vf d) {
+  const vf y = d * 1.44269504088896341f;
+  vf yc = y < -126.0f ? splat(-126.0f) : y;  // NaN compares false and is kept
+  yc = yc > 127.0f ? splat(127.0f) : yc;
+  const vf e = exp2_clamped(yc);
+  return y < -126.0f ? splat(0.0f) : e;
 }
 
-// exp(x) for x <= 0 or NaN, the terms of a sum of exponentials shifted by its max (which holds
-// exp(0) = 1): vexp less its overflow and underflow selects, a third of the forward's arithmetic.
-// Below -87.3 it returns exp(-87.3) ~ 1e-38 instead of 0, nothing next to that 1. A row whose max
-// is -inf sums such terms instead of zeros, and its log-sum-exp stays -inf (the max plus a finite
-// log).
-SME_INLINE vf vexp_nonpos(vf x) {
-  const vf lo = splat(-87.3365447505f);
-  return exp_reduced(x < lo ? lo : x);
+// The terms of a sum of exponentials shifted by its max (which holds exp(0) = 1): vexp_shifted
+// without its selects; below -87.3 it gives exp(-87.3) ~ 1e-38 instead of 0, nothing next to
+// that 1. A row whose max is -inf sums such terms instead of zeros, and its log-sum-exp stays
+// -inf (the max plus a finite log).
+SME_INLINE vf vexp_nonpos(vf d) {
+  const vf y = d * 1.44269504088896341f;
+  return exp2_clamped(y < -126.0f ? splat(-126.0f) : y);
 }
 
 // ln(x) in float, about 1 ulp, for normal x > 0 (sums of exponentials shifted by their max are >= 1),
@@ -143,7 +139,6 @@ SME_INLINE vf vlog(vf x) {
   return x != x ? x : r;
 }
 
-SME_INLINE float sexp(float x) { return vexp(splat(x))[0]; }
 
 // Store 16 floats to a 16-byte aligned p bypassing the caches (movntps), for outputs far larger than
 // the last-level cache: a normal store first reads every line it writes (read-for-ownership), which

@@ -126,7 +126,7 @@ SME_INLINE void softmax_fwd_tiles(const SoftmaxFwdArgs& a, int64_t begin, int64_
       const vf cst = a.log ? vlog(s) : 1.0f / s;
       for (int64_t c = 0; c < C; ++c) {
         const vf d = load_lanes(x + c * inner, k) - m;
-        store_lanes(y + c * inner, a.log ? d - cst : vexp(d) * cst, k);
+        store_lanes(y + c * inner, a.log ? d - cst : vexp_shifted(d) * cst, k);
       }
     }
   }
@@ -158,7 +158,7 @@ SME_INLINE void softmax_bwd_tiles(const SoftmaxBwdArgs& a, int64_t begin, int64_
       }
       for (int64_t c = 0; c < C; ++c) {
         const vf gv = load_lanes(g + c * inner, k), yv = load_lanes(y + c * inner, k);
-        store_lanes(gx + c * inner, a.log ? gv - vexp(yv) * s : yv * (gv - s), k);
+        store_lanes(gx + c * inner, a.log ? gv - vexp_shifted(yv) * s : yv * (gv - s), k);
       }
     }
   }

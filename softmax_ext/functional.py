@@ -154,6 +154,13 @@ def cross_entropy(
                 f"Expected all tensors to be on the same device, but found input on "
                 f"{input.device} and weight on {weight.device}"
             )
+        if weight.requires_grad and torch.is_grad_enabled():
+            # the kernels give no gradient for the class weights: refuse rather than leave
+            # weight.grad silently empty
+            raise NotImplementedError(
+                "softmax_ext.cross_entropy: no gradient with respect to weight; pass "
+                "weight.detach(), or use backend='torch' to learn class weights"
+            )
 
     if soft:
         dtype = torch.promote_types(input.dtype, target.dtype)

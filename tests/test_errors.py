@@ -72,6 +72,15 @@ def test_bad_softmax_input_raises_like_torch(fn, backend, device):
             ours(*args, backend=backend)
 
 
+def test_weight_that_needs_a_gradient_is_refused(backend, device):
+    w = torch.rand(5, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="weight"):
+        se.cross_entropy(X(device), T(device, 0, 1, 2, 3), weight=w, backend=backend)
+    with torch.no_grad():  # no gradient wanted: fine
+        se.cross_entropy(X(device), T(device, 0, 1, 2, 3), weight=w, backend=backend)
+    se.cross_entropy(X(device), T(device, 0, 1, 2, 3), weight=w.detach(), backend=backend)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         se.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
