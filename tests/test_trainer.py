@@ -324,3 +324,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_loss_in_trainer_benchmark_alternates_both_losses(tmp_path, source):
+    from benchmarks import loss_in_trainer
+
+    assert loss_in_trainer.main(["--epochs", "2", "--data-dir", str(source),
+                                 "--out", str(tmp_path / "res")]) == 0
+    doc = json.loads((tmp_path / "res" / "loss_in_trainer.json").read_text())
+    assert len(doc["seconds"]["fused"]) == len(doc["seconds"]["torch"]) == 2
+    assert doc["ratio_fused_over_torch"] > 0 and doc["same_parameters"] is True
