@@ -202,3 +202,15 @@ def test_gradient_buffer_reuse_never_aliases_live_tensors():
     fourth = grad()  # `other` is alive and a live view keeps third's storage busy: a fresh buffer
     assert fourth.data_ptr() not in {view.data_ptr(), other.data_ptr()}
     assert se.empty_cache() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_finite_half_converts_exactly(dtype):
+    """The C++ half <-> float conversions, through log-softmax's backward with y = -inf, which
+    returns grad_output unchanged: every finite bit pattern (subnormals included) round-trips."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    g = bits.view(dtype)
+    g = g[g.isfinite()].reshape(-1, 1)
+    out = OPS.softmax_bwd(g, torch.full_like(g, float("-inf")), 1, True)
+    assert torch.equal(out.view(torch.int16)[g != 0], g.view(torch.int16)[g != 0])
+    assert bool((out[g == 0] == 0).all())
