@@ -80,6 +80,19 @@ at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, int64_t rows, co
   return reduction == at::Reduction::None ? g : g.expand({rows});
 }
 
+// Stands between a gradient computed without a graph and its use in a graph (backward with
+// create_graph=True): differentiating through it raises, instead of silently giving no second-order
+// term (the per-row kernels have no derivative of their own).
+struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& /*logits*/) {
+    return grad.clone();
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "softmax_ext: cross_entropy has no second derivative (double backward); "
+                "use backend='torch' where one is needed");
+  }
+};
+
 struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropyIndexFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
@@ -101,12 +114,17 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t rows = logits.size(0), n_classes = logits.size(1);
-    const bool with_smooth = eps > 0.0;
-    const at::Tensor g_nll = row_scale(grads[0], reduction, rows, denom, 1.0 - eps);
-    const at::Tensor g_smooth =
-        with_smooth ? row_scale(grads[0], reduction, rows, denom, eps / static_cast<double>(n_classes)) : g_nll;
-    at::Tensor grad_logits =
-        bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse, ignore_index, with_smooth);
+    const bool with_smooth = eps > 0.0, create_graph = at::GradMode::is_enabled();
+    at::Tensor grad_logits;
+    {
+      at::NoGradGuard no_grad;
+      const at::Tensor g_nll = row_scale(grads[0], reduction, rows, denom, 1.0 - eps);
+      const at::Tensor g_smooth =
+          with_smooth ? row_scale(grads[0], reduction, rows, denom, eps / static_cast<double>(n_classes)) : g_nll;
+      grad_logits =
+          bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse, ignore_index, with_smooth);
+    }
+    if (create_graph) grad_logits = NoSecondDerivative::apply(grad_logits, logits);
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

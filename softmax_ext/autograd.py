@@ -32,6 +32,38 @@ def _row_scale(grad: Tensor, reduction: str, rows: int, denom: Optional[Tensor],
     return grad if reduction == "none" else grad.expand(rows)
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Stands between a gradient computed without a graph and its use in one (backward with
+    create_graph=True): differentiating through it raises instead of silently giving no
+    second-order term. ``like`` is the input that needs a gradient, so that a graph exists even
+    when the incoming gradient needs none (torch's ``once_differentiable`` keys on the latter)."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, like: Tensor) -> Tensor:
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor):
+        raise RuntimeError("softmax_ext: softmax and cross_entropy have no second derivative "
+                           "(double backward); use backend='torch' where one is needed")
+
+
+def _first_order_only(backward):
+    """Run a Function's backward without a graph; under create_graph, guard its gradients."""
+
+    def wrapped(ctx: Any, *grads: Tensor):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not create_graph:
+            return out
+        like = ctx.saved_tensors[0]
+        return tuple(_NoSecondDerivative.apply(g, like) if isinstance(g, Tensor) else g
+                     for g in out)
+
+    return wrapped
+
+
 class CrossEntropyIndex(torch.autograd.Function):
     """Cross-entropy of (rows, C) logits against int64 class indices, reduced as asked."""
 
@@ -57,6 +89,7 @@ class CrossEntropyIndex(torch.autograd.Function):
         return _reduce(rows, reduction, denom)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
         logits, target, weight, lse, denom = ctx.saved_tensors
         ignore_index, eps, reduction, kernels = ctx.meta
@@ -85,6 +118,7 @@ class CrossEntropySoft(torch.autograd.Function):
         return _reduce(loss, reduction, denom)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
         logits, target, weight, lse, tsum, denom = ctx.saved_tensors
         eps, reduction, kernels = ctx.meta
@@ -113,6 +147,7 @@ class Softmax(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
         (out,) = ctx.saved_tensors
         dim, log, kernels = ctx.meta
