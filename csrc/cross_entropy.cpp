@@ -140,17 +140,18 @@ struct IndexBwdArgs {
 template <typename T>
 SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k) {
   alignas(64) float xt[kBlockMaxC * kLanes], hv[kLanes] = {}, lv[kLanes] = {}, av[kLanes] = {},
-                                             gv[kLanes] = {};
+                                             gv[kLanes] = {}, gtv[kLanes];
+  int64_t tv[kLanes];
   const int64_t C = a.C;
   const float* w = static_cast<const float*>(a.w);
   for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
-    const int64_t i = i0 + l, t = a.target[i * a.target_stride];
+    const int64_t i = i0 + l, t = tv[l] = a.target[i * a.target_stride];
     if (t == a.ignore_index) continue;
     const float gs = a.with_smooth ? static_cast<const float*>(a.grad_smooth)[i * a.gs_stride] : 0.0f;
+    gtv[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
     hv[l] = static_cast<float>(a.lse[i]);
     lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
-    av[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f) +
-            gs * static_cast<float>(a.W);
+    av[l] = gtv[l] + gs * static_cast<float>(a.W);
     gv[l] = gs;
   }
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
@@ -160,14 +161,12 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
     storeu(xt + c * kLanes, va * p - (w ? vg * w[c] : vg));
   }
   for (int64_t l = 0; l < k; ++l) {
-    const int64_t i = i0 + l, t = a.target[i * a.target_stride];
-    T* gr = static_cast<T*>(a.gx) + i * C;
-    if (t == a.ignore_index) {
+    T* gr = static_cast<T*>(a.gx) + (i0 + l) * C;
+    if (tv[l] == a.ignore_index) {
       std::memset(static_cast<void*>(gr), 0, C * sizeof(T));
       continue;
     }
-    // the true-class term, in float and then rounded once (as the row path does)
-    xt[t * kLanes + l] -= static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
+    xt[tv[l] * kLanes + l] -= gtv[l];  // the true-class term, in float, rounded once as the row path does
     store_block_row(xt, l, C, gr);
   }
 }
