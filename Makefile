@@ -1,22 +1,29 @@
-# One entry point for a fresh machine: `make test` and `make train` create .venv, install everything
-# from the package registry, build the C++ extension and run.
+# One entry point for a fresh machine: `make test` and `make train` create .venv, install the exact
+# versions of requirements.lock from the package registry, build the C++ extension and run.
+# `make test-compat` does the same in build/compat/ against requirements-compat.lock (the oldest
+# supported torch and triton); `make lock` rewrites both locks from pyproject.toml.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
+LOCK   ?= requirements.lock
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.ext-built
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
+COMPAT_DIR    := build/compat
+COMPAT_PYTHON := 3.12
 
-.PHONY: install build test test-cpp test-triton train bench bench-core bench-trainer clean
+.PHONY: install build test test-cpp test-triton test-compat compile-gpu lint format lock train \
+	bench bench-core bench-trainer clean
 
 install: $(BUILT)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS): requirements.txt | $(PY)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+# pip first, at the lock's version, then everything else at the lock's versions.
+$(DEPS): $(LOCK) | $(PY)
+	$(PY) -m pip install --quiet "$$(grep '^pip==' $(LOCK))"
+	$(PY) -m pip install -r $(LOCK)
 	touch $@
 
 $(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml softmax_ext/_build_flags.py
@@ -28,13 +35,46 @@ build: $(BUILT)
 # C++ backend, public API, trainer and everything else; then the same parity tests for the Triton
 # kernels through Triton's CPU interpreter (TRITON_INTERPRET must be set before triton is imported,
 # hence a separate process).
-test: test-cpp test-triton
+test: lint compile-gpu test-cpp test-triton
 
 test-cpp: $(BUILT)
 	$(PY) -m pytest -q tests
 
 test-triton: $(BUILT)
 	TRITON_INTERPRET=1 SOFTMAX_EXT_TEST_BACKENDS=triton $(PY) -m pytest -q -m "parity or triton" tests
+
+# Every @triton.jit kernel compiled for sm_80 and sm_90 (no GPU needed) with the configurations its
+# launchers choose: fails on a compile error or a register spill, prints the resource table.
+compile-gpu: $(BUILT)
+	$(PY) tools/compile_gpu.py
+
+# The oldest supported set (requirements-compat.lock, Python $(COMPAT_PYTHON) where installed): a copy
+# of this tree in $(COMPAT_DIR) with its own .venv (kept between runs), so the two builds of the
+# extension never overwrite each other; then the same test targets there.
+test-compat:
+	mkdir -p $(COMPAT_DIR)
+	find $(COMPAT_DIR) -mindepth 1 -maxdepth 1 ! -name .venv ! -name build -exec rm -rf {} +
+	git ls-files -z --cached --others --exclude-standard | grep -zv '^$(COMPAT_DIR)/' \
+	  | tar --null -T - -cf - | tar -xf - -C $(COMPAT_DIR)
+	$(MAKE) -C $(COMPAT_DIR) compile-gpu test-cpp test-triton LOCK=requirements-compat.lock \
+	  PYTHON="$$($(PYTHON) tools/find_python.py $(COMPAT_PYTHON))"
+
+# ruff (lint and format) for Python, clang-format for csrc/; `make format` applies both.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
+
+format: $(DEPS)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/*.h
+
+# Rewrite requirements.lock and requirements-compat.lock from pyproject.toml (resolves in scratch
+# virtual environments; the compat one downloads the oldest supported torch).
+lock:
+	$(PYTHON) tools/lock.py default
+	$(PYTHON) tools/lock.py compat
 
 # The d2l chapter-3 recipe on Fashion-MNIST (flags: make train TRAIN_ARGS="--model mlp ...").
 # Where no copy is on disk (data/, $FASHION_MNIST_DIR, Debian's dataset-fashion-mnist), install the
@@ -68,4 +108,4 @@ bench-trainer: $(BUILT)
 	$(PY) -m benchmarks --trainer
 
 clean:
-	rm -rf build *.egg-info softmax_ext/*.so $(VENV)
+	rm -rf build *.egg-info softmax_ext/*.so $(VENV) $(COMPAT_DIR)

@@ -2,6 +2,7 @@
 
 Install with ``pip install --no-build-isolation -e .`` so the extension links the torch you run.
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_build_flags", ROOT / "softmax_ext" / "_build_flags.py")
+_spec = importlib.util.spec_from_file_location(
+    "_build_flags", ROOT / "softmax_ext" / "_build_flags.py"
+)
 _flags = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_flags)
 

@@ -4,6 +4,7 @@ The copy floor is the time of ``dst.copy_(src)`` on a tensor far larger than the
 bandwidth counts one read plus one write. A kernel that moves its minimum bytes at that bandwidth
 cannot be much faster, so ``frac_of_copy`` (achieved / copy bandwidth) says how close it is.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -64,7 +65,6 @@ def copy_bandwidth(device: torch.device, mib: int = 256, reps: int = 10) -> dict
         out[f"{kind}_gbps"] = moved / statistics.median(ts) / 1e9
         out[f"{kind}_gbps_min"] = moved / max(ts) / 1e9
         out[f"{kind}_gbps_max"] = moved / min(ts) / 1e9
-    del src, dst
     return out
 
 

@@ -3,6 +3,7 @@
 Modes: the kernel sweep (default), ``--suite core`` (the core issue's targets) and ``--trainer``
 (Fashion-MNIST trainers, wall time of 10 epochs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,17 @@ from typing import Optional, Sequence
 import torch
 
 from . import report
-from .config import (DIRECTIONS, DTYPE_ALIASES, DTYPES, IMPLS, OPS, Config, default_shapes,
-                     parse_choices, parse_shapes)
+from .config import (
+    DIRECTIONS,
+    DTYPE_ALIASES,
+    DTYPES,
+    IMPLS,
+    OPS,
+    Config,
+    default_shapes,
+    parse_choices,
+    parse_shapes,
+)
 from .device import REPO, pick_device, slug
 
 RESULTS_ROOT = REPO / "benchmarks" / "results"
@@ -25,62 +35,129 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The flags (see --help)."""
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmarks of softmax_ext against torch eager, torch.compile and Liger-Kernel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--suite", choices=("sweep", "core"), default="sweep",
-                    help="sweep: every op/shape/dtype/direction selected; core: fp32 "
-                         "cross_entropy fwd+bwd at 8192x32000 and 256x10 with the target ratios")
-    ap.add_argument("--trainer", action="store_true",
-                    help="run the Fashion-MNIST trainer benchmark instead of the kernels")
-    ap.add_argument("--quick", action="store_true",
-                    help="small shapes, fp32 only, 3 repetitions: a minute, not an hour")
+        description=(
+            "Benchmarks of softmax_ext against torch eager, torch.compile and Liger-Kernel."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--suite",
+        choices=("sweep", "core"),
+        default="sweep",
+        help="sweep: every op/shape/dtype/direction selected; core: fp32 "
+        "cross_entropy fwd+bwd at 8192x32000 and 256x10 with the target ratios",
+    )
+    ap.add_argument(
+        "--trainer",
+        action="store_true",
+        help="run the Fashion-MNIST trainer benchmark instead of the kernels",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes, fp32 only, 3 repetitions: a minute, not an hour",
+    )
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ap.add_argument("--ops", default="all", help=f"comma-separated from {', '.join(OPS)}")
-    ap.add_argument("--directions", default="all",
-                    help=f"comma-separated from {', '.join(DIRECTIONS)}")
+    ap.add_argument(
+        "--directions", default="all", help=f"comma-separated from {', '.join(DIRECTIONS)}"
+    )
     ap.add_argument("--impls", default="all", help=f"comma-separated from {', '.join(IMPLS)}")
-    ap.add_argument("--shapes", default=None,
-                    help="comma-separated ROWSxCLASSES (default: by device; see docs)")
+    ap.add_argument(
+        "--shapes", default=None, help="comma-separated ROWSxCLASSES (default: by device; see docs)"
+    )
     ap.add_argument("--dtypes", default=None, help="comma-separated from fp32, bf16")
-    ap.add_argument("--reps", type=int, default=None,
-                    help="interleaved repetitions per measurement (default 10 CPU, 20 GPU)")
-    ap.add_argument("--min-reps", type=int, default=None,
-                    help="the time budget never cuts repetitions below this")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds per (op, shape, dtype, direction) group before repetitions "
-                         "are cut (default 45 CPU, 60 GPU, 120 core suite)")
-    ap.add_argument("--rep-ms", type=float, default=None,
-                    help="each timed repetition loops calls for about this long (default 20 CPU, "
-                         "10 GPU, 5 quick)")
-    ap.add_argument("--warmup-ms", type=float, default=None,
-                    help="minimum warm-up per implementation after its first call (default 50)")
-    ap.add_argument("--copy-mib", type=int, default=None,
-                    help="size of the copy-floor tensor in MiB (default 256 CPU, 1024 GPU)")
-    ap.add_argument("--ext-backend", choices=("cpp", "triton", "torch"), default=None,
-                    help="softmax_ext backend (default: cpp on CPU, triton on CUDA; 'torch' is a "
-                         "stand-in for development)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="interleaved repetitions per measurement (default 10 CPU, 20 GPU)",
+    )
+    ap.add_argument(
+        "--min-reps",
+        type=int,
+        default=None,
+        help="the time budget never cuts repetitions below this",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per (op, shape, dtype, direction) group before repetitions "
+        "are cut (default 45 CPU, 60 GPU, 120 core suite)",
+    )
+    ap.add_argument(
+        "--rep-ms",
+        type=float,
+        default=None,
+        help="each timed repetition loops calls for about this long (default 20 CPU, "
+        "10 GPU, 5 quick)",
+    )
+    ap.add_argument(
+        "--warmup-ms",
+        type=float,
+        default=None,
+        help="minimum warm-up per implementation after its first call (default 50)",
+    )
+    ap.add_argument(
+        "--copy-mib",
+        type=int,
+        default=None,
+        help="size of the copy-floor tensor in MiB (default 256 CPU, 1024 GPU)",
+    )
+    ap.add_argument(
+        "--ext-backend",
+        choices=("cpp", "triton", "torch"),
+        default=None,
+        help="softmax_ext backend (default: cpp on CPU, triton on CUDA; 'torch' is a "
+        "stand-in for development)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--thp", action="store_true",
-                    help="CPU: restart with THP_MEM_ALLOC_ENABLE=1 so large tensors get "
-                         "transparent huge pages (fresh gradients then fault in far faster)")
+    ap.add_argument(
+        "--thp",
+        action="store_true",
+        help="CPU: restart with THP_MEM_ALLOC_ENABLE=1 so large tensors get "
+        "transparent huge pages (fresh gradients then fault in far faster)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    ap.add_argument("--no-settle", action="store_true",
-                    help="no untimed call before each single-call repetition (see docs)")
+    ap.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="no untimed call before each single-call repetition (see docs)",
+    )
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results folder (default benchmarks/results/<device>)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results/<device>)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     trainer = ap.add_argument_group("trainer benchmark (--trainer)")
     trainer.add_argument("--epochs", type=int, default=10)
-    trainer.add_argument("--data-dir", default="data",
-                         help="Fashion-MNIST folder (softmax_ext.fashion_mnist.data finds it)")
-    trainer.add_argument("--trainer-runs", default="d2l,fused,torch",
-                         help="which trainers: d2l (the chapter's DataLoader recipe), fused, torch")
-    trainer.add_argument("--trainer-reps", type=int, default=1,
-                         help="rounds of the trainer runs (interleaved; medians reported)")
-    trainer.add_argument("--trainer-timeout", type=float, default=3600.0,
-                         help="seconds before one trainer run is stopped")
+    trainer.add_argument(
+        "--data-dir",
+        default="data",
+        help="Fashion-MNIST folder (softmax_ext.fashion_mnist.data finds it)",
+    )
+    trainer.add_argument(
+        "--trainer-runs",
+        default="d2l,fused,torch",
+        help="which trainers: d2l (the chapter's DataLoader recipe), fused, torch",
+    )
+    trainer.add_argument(
+        "--trainer-reps",
+        type=int,
+        default=1,
+        help="rounds of the trainer runs (interleaved; medians reported)",
+    )
+    trainer.add_argument(
+        "--trainer-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds before one trainer run is stopped",
+    )
     return ap.parse_args(argv)
 
 
@@ -95,14 +172,16 @@ def build_config(args: argparse.Namespace) -> Config:
         directions=parse_choices(args.directions, DIRECTIONS, "direction"),
         impls=parse_choices(args.impls, IMPLS, "implementation"),
         shapes=parse_shapes(args.shapes) if args.shapes else default_shapes(device, quick),
-        dtypes=parse_choices(args.dtypes, list(DTYPES), "dtype", DTYPE_ALIASES) if args.dtypes
+        dtypes=parse_choices(args.dtypes, list(DTYPES), "dtype", DTYPE_ALIASES)
+        if args.dtypes
         else (("float32",) if quick else ("float32", "bfloat16")),
         reps=args.reps or (3 if quick else (15 if args.suite == "core" else (20 if gpu else 10))),
         min_reps=args.min_reps or (2 if quick else 3),
-        group_budget_s=args.budget or (10.0 if quick else (120.0 if args.suite == "core" else
-                                                           (60.0 if gpu else 45.0))),
-        rep_target_s=args.rep_ms / 1e3 if args.rep_ms else
-        (0.005 if quick else (0.01 if gpu else 0.02)),
+        group_budget_s=args.budget
+        or (10.0 if quick else (120.0 if args.suite == "core" else (60.0 if gpu else 45.0))),
+        rep_target_s=args.rep_ms / 1e3
+        if args.rep_ms
+        else (0.005 if quick else (0.01 if gpu else 0.02)),
         warmup_s=args.warmup_ms / 1e3 if args.warmup_ms else (0.02 if quick else 0.05),
         copy_mib=args.copy_mib or (64 if quick else (1024 if gpu else 256)),
         memory=not args.no_memory,
@@ -134,16 +213,19 @@ def run_kernels(cfg: Config) -> int:
         path = report.write_json(doc, folder / report.CORE)
     else:
         doc = Sweep(cfg).run()
-        doc["targets"] = evaluate(doc["records"], doc["machine"]["copy_gbps"],
-                                  doc["machine"].get("clone_gbps"))
+        doc["targets"] = evaluate(
+            doc["records"], doc["machine"]["copy_gbps"], doc["machine"].get("clone_gbps")
+        )
         path = report.write_json(doc, folder / report.RESULTS)
         if cfg.plots:
             from .plots import write_plots
 
             write_plots(doc, folder)
     report.write_markdown(folder)
-    print(f"wrote {path} and {folder / report.MARKDOWN} ({doc['elapsed_s']} s, "
-          f"{len(doc['records'])} measurements, {len(doc['errors'])} failures)")
+    print(
+        f"wrote {path} and {folder / report.MARKDOWN} ({doc['elapsed_s']} s, "
+        f"{len(doc['records'])} measurements, {len(doc['errors'])} failures)"
+    )
     if doc.get("targets") or cfg.suite == "core":
         print()
         print(format_targets(doc.get("targets"), doc["machine"]))
@@ -166,9 +248,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         device = pick_device(args.device)
         folder = args.out if args.out is not None else RESULTS_ROOT / slug(device)
-        return run_trainers(folder, device, epochs=args.epochs, data_dir=args.data_dir,
-                            runs=[r.strip() for r in args.trainer_runs.split(",") if r.strip()],
-                            timeout_s=args.trainer_timeout, reps=args.trainer_reps)
+        return run_trainers(
+            folder,
+            device,
+            epochs=args.epochs,
+            data_dir=args.data_dir,
+            runs=[r.strip() for r in args.trainer_runs.split(",") if r.strip()],
+            timeout_s=args.trainer_timeout,
+            reps=args.trainer_reps,
+        )
     try:
         cfg = build_config(args)
     except (ValueError, RuntimeError) as err:

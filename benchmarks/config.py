@@ -3,6 +3,7 @@
 The defaults depend on the device: a GPU gets language-model vocabularies up to 16384 x 131072, a
 small CPU the shapes that finish in reasonable time (always including the core target 8192 x 32000).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -15,14 +16,26 @@ OPS = ("softmax", "log_softmax", "cross_entropy")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("softmax_ext", "torch", "torch.compile", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "f32": "float32",
-                 "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 Shape = tuple  # (rows, classes)
 
 # (256, 10) is a Fashion-MNIST batch; the rest are classifier heads and LM vocabularies.
-GPU_SHAPES: tuple = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000), (2048, 128256),
-                     (1024, 256000), (16384, 131072))
+GPU_SHAPES: tuple = (
+    (256, 10),
+    (4096, 1000),
+    (4096, 32000),
+    (8192, 32000),
+    (2048, 128256),
+    (1024, 256000),
+    (16384, 131072),
+)
 CPU_SHAPES: tuple = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000), (1024, 128256))
 QUICK_SHAPES: tuple = ((256, 10), (4096, 1000))
 
@@ -75,14 +88,17 @@ def parse_shapes(spec: str) -> list:
         try:
             shapes.append((int(rows), int(classes)))
         except ValueError:
-            raise ValueError(f"bad shape {part!r}; expected ROWSxCLASSES, e.g. 8192x32000") from None
+            raise ValueError(
+                f"bad shape {part!r}; expected ROWSxCLASSES, e.g. 8192x32000"
+            ) from None
         if shapes[-1][0] <= 0 or shapes[-1][1] <= 0:
             raise ValueError(f"bad shape {part!r}: sizes must be positive")
     return shapes
 
 
-def parse_choices(spec: str, allowed: Sequence[str], what: str,
-                  aliases: Optional[dict] = None) -> list:
+def parse_choices(
+    spec: str, allowed: Sequence[str], what: str, aliases: Optional[dict] = None
+) -> list:
     """Comma-separated names checked against ``allowed`` ('all' means all of them)."""
     if spec.strip() == "all":
         return list(allowed)

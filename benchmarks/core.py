@@ -6,6 +6,7 @@
 * N=256, C=10 (a Fashion-MNIST batch): softmax_ext time / eager time <= 1.5;
 * memory saved for backward O(N), not O(N*C): at most 64 bytes per row at N=8192, C=32000.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -20,18 +21,29 @@ MAX_SAVED_BYTES_PER_ROW = 64
 
 
 def _rec(records: List[dict], impl: str, shape: tuple) -> Optional[dict]:
-    return find(records, op="cross_entropy", direction="fwd+bwd", dtype="float32",
-                rows=shape[0], classes=shape[1], impl=impl)
+    return find(
+        records,
+        op="cross_entropy",
+        direction="fwd+bwd",
+        dtype="float32",
+        rows=shape[0],
+        classes=shape[1],
+        impl=impl,
+    )
 
 
-def _target(name: str, value: Optional[float], goal: Optional[float], cmp: str,
-            detail: str) -> dict:
-    ok = None if value is None or goal is None else (value >= goal if cmp == ">=" else value <= goal)
+def _target(
+    name: str, value: Optional[float], goal: Optional[float], cmp: str, detail: str
+) -> dict:
+    ok = (
+        None if value is None or goal is None else (value >= goal if cmp == ">=" else value <= goal)
+    )
     return {"name": name, "value": value, "goal": goal, "cmp": cmp, "pass": ok, "detail": detail}
 
 
-def evaluate(records: List[dict], copy_gbps: float, clone_gbps: Optional[float] = None
-             ) -> Optional[dict]:
+def evaluate(
+    records: List[dict], copy_gbps: float, clone_gbps: Optional[float] = None
+) -> Optional[dict]:
     """The targets that ``records`` allow to compute (None when softmax_ext was not measured at
     either core shape). ``clone_gbps`` adds an informative ratio against a copy into freshly
     allocated memory."""
@@ -44,49 +56,89 @@ def evaluate(records: List[dict], copy_gbps: float, clone_gbps: Optional[float] 
     if ext is not None:
         eager, comp = _rec(records, "torch", CORE_LARGE), _rec(records, "torch.compile", CORE_LARGE)
         if eager is not None:
-            items.append(_target(
-                f"speed-up vs torch eager at N={n}, C={c}", eager["median_ms"] / ext["median_ms"],
-                10.0, ">=", f"{ext['median_ms']:.2f} ms vs {eager['median_ms']:.2f} ms"))
+            items.append(
+                _target(
+                    f"speed-up vs torch eager at N={n}, C={c}",
+                    eager["median_ms"] / ext["median_ms"],
+                    10.0,
+                    ">=",
+                    f"{ext['median_ms']:.2f} ms vs {eager['median_ms']:.2f} ms",
+                )
+            )
         if comp is not None:
-            items.append(_target(
-                f"speed-up vs torch.compile at N={n}, C={c}", comp["median_ms"] / ext["median_ms"],
-                3.0, ">=", f"{ext['median_ms']:.2f} ms vs {comp['median_ms']:.2f} ms"))
+            items.append(
+                _target(
+                    f"speed-up vs torch.compile at N={n}, C={c}",
+                    comp["median_ms"] / ext["median_ms"],
+                    3.0,
+                    ">=",
+                    f"{ext['median_ms']:.2f} ms vs {comp['median_ms']:.2f} ms",
+                )
+            )
         nbytes = min_bytes("cross_entropy", "fwd+bwd", n, c, torch.float32)
         floor = floor_ms(nbytes, copy_gbps)
-        items.append(_target(
-            f"time / copy floor at N={n}, C={c}", ext["median_ms"] / floor, 2.0, "<=",
-            f"floor = {nbytes / 1e9:.2f} GB (read logits + write grad) at {copy_gbps:.1f} GB/s "
-            f"= {floor:.2f} ms"))
+        items.append(
+            _target(
+                f"time / copy floor at N={n}, C={c}",
+                ext["median_ms"] / floor,
+                2.0,
+                "<=",
+                f"floor = {nbytes / 1e9:.2f} GB (read logits + write grad) at {copy_gbps:.1f} GB/s "
+                f"= {floor:.2f} ms",
+            )
+        )
         if clone_gbps:
             fresh = floor_ms(nbytes, clone_gbps)
-            items.append(_target(
-                f"time / fresh-allocation floor at N={n}, C={c}", ext["median_ms"] / fresh,
-                None, "<=", f"same bytes at the clone() bandwidth {clone_gbps:.1f} GB/s "
-                f"(new pages fault in) = {fresh:.2f} ms; informative, no goal"))
+            items.append(
+                _target(
+                    f"time / fresh-allocation floor at N={n}, C={c}",
+                    ext["median_ms"] / fresh,
+                    None,
+                    "<=",
+                    f"same bytes at the clone() bandwidth {clone_gbps:.1f} GB/s "
+                    f"(new pages fault in) = {fresh:.2f} ms; informative, no goal",
+                )
+            )
         saved = ext.get("saved_bytes")
         if saved is not None:
             eager_saved = (eager or {}).get("saved_bytes")
-            detail = (f"{saved} B saved = {saved / n:.1f} B/row; O(N*C) would be "
-                      f"{n * c * 4 / 1e6:.0f} MB")
+            detail = (
+                f"{saved} B saved = {saved / n:.1f} B/row; O(N*C) would be {n * c * 4 / 1e6:.0f} MB"
+            )
             if eager_saved is not None:
                 detail += f"; torch eager saves {eager_saved / 1e6:.0f} MB"
-            items.append(_target(f"saved for backward per row at N={n}, C={c}", saved / n,
-                                 MAX_SAVED_BYTES_PER_ROW, "<=", detail))
+            items.append(
+                _target(
+                    f"saved for backward per row at N={n}, C={c}",
+                    saved / n,
+                    MAX_SAVED_BYTES_PER_ROW,
+                    "<=",
+                    detail,
+                )
+            )
     if ext_small is not None:
         eager_small = _rec(records, "torch", CORE_SMALL)
         if eager_small is not None:
-            items.append(_target(
-                f"time / torch eager time at N={CORE_SMALL[0]}, C={CORE_SMALL[1]}",
-                ext_small["median_ms"] / eager_small["median_ms"], 1.5, "<=",
-                f"{ext_small['median_ms'] * 1e3:.1f} us vs {eager_small['median_ms'] * 1e3:.1f} us"))
+            items.append(
+                _target(
+                    f"time / torch eager time at N={CORE_SMALL[0]}, C={CORE_SMALL[1]}",
+                    ext_small["median_ms"] / eager_small["median_ms"],
+                    1.5,
+                    "<=",
+                    f"{ext_small['median_ms'] * 1e3:.1f} us vs "
+                    f"{eager_small['median_ms'] * 1e3:.1f} us",
+                )
+            )
     verdicts = [i["pass"] for i in items if i["pass"] is not None]
     return {"items": items, "all_pass": bool(verdicts) and all(verdicts), "copy_gbps": copy_gbps}
 
 
 def format_targets(targets: Optional[dict], machine: dict) -> str:
     """The targets as an aligned, plain-text block."""
-    head = (f"Core targets: fp32 cross_entropy fwd+bwd on {machine.get('device')} "
-            f"({machine.get('threads')} threads, copy {machine.get('copy_gbps', 0):.1f} GB/s)")
+    head = (
+        f"Core targets: fp32 cross_entropy fwd+bwd on {machine.get('device')} "
+        f"({machine.get('threads')} threads, copy {machine.get('copy_gbps', 0):.1f} GB/s)"
+    )
     if not targets or not targets["items"]:
         return head + "\n  (no softmax_ext measurement at the core shapes)"
     lines = [head]
@@ -103,8 +155,14 @@ def format_targets(targets: Optional[dict], machine: dict) -> str:
 def core_config(cfg: Config) -> Config:
     """The sweep settings of ``--suite core``: fp32 CE fwd+bwd at the two core shapes."""
     impls = [i for i in cfg.impls if i in ("softmax_ext", "torch", "torch.compile", "liger")]
-    return cfg.with_(ops=("cross_entropy",), directions=("fwd+bwd",), dtypes=("float32",),
-                     shapes=(CORE_LARGE, CORE_SMALL), impls=impls, suite="core")
+    return cfg.with_(
+        ops=("cross_entropy",),
+        directions=("fwd+bwd",),
+        dtypes=("float32",),
+        shapes=(CORE_LARGE, CORE_SMALL),
+        impls=impls,
+        suite="core",
+    )
 
 
 def run_core(cfg: Config, log=None) -> dict:

@@ -9,6 +9,7 @@ per-batch accuracy bookkeeping with ``float(...)`` and a test-set evaluation aft
 Only the plotting is left out. It writes metrics.json with "train_seconds" (the sum of the epochs,
 each timed from its first batch through its test evaluation), like ``python -m softmax_ext.train``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def data_loaders(data_dir: str, batch_size: int, num_workers: int) -> tuple:
     trans = transforms.ToTensor()
     train = datasets.FashionMNIST(str(root), train=True, transform=trans, download=False)
     test = datasets.FashionMNIST(str(root), train=False, transform=trans, download=False)
-    return (data.DataLoader(train, batch_size, shuffle=True, num_workers=num_workers),
-            data.DataLoader(test, batch_size, shuffle=False, num_workers=num_workers))
+    return (
+        data.DataLoader(train, batch_size, shuffle=True, num_workers=num_workers),
+        data.DataLoader(test, batch_size, shuffle=False, num_workers=num_workers),
+    )
 
 
 def correct(y_hat: torch.Tensor, y: torch.Tensor) -> float:
@@ -61,8 +64,9 @@ def evaluate(net: nn.Module, loader, device: torch.device) -> float:
     return hits / seen
 
 
-def train(data_dir: str, epochs: int, device: torch.device, num_workers: int,
-          seed: int = 0) -> dict:
+def train(
+    data_dir: str, epochs: int, device: torch.device, num_workers: int, seed: int = 0
+) -> dict:
     """Train as the chapter does; return metrics (per-epoch records and train_seconds)."""
     torch.manual_seed(seed)
     train_iter, test_iter = data_loaders(data_dir, BATCH_SIZE, num_workers)
@@ -93,20 +97,42 @@ def train(data_dir: str, epochs: int, device: torch.device, num_workers: int,
             seen += y.numel()
         test_acc = evaluate(net, test_iter, device)
         seconds = time.perf_counter() - start
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                        "train_acc": hits / seen, "test_acc": test_acc, "seconds": seconds})
-        print(f"epoch {epoch + 1}, loss {loss_sum / seen:.4f}, train acc {hits / seen:.3f}, "
-              f"test acc {test_acc:.3f}  ({seconds:.2f} s)", flush=True)
-    return {"config": {"recipe": "d2l chapter 3 (DataLoader + ToTensor)", "epochs": epochs,
-                       "batch_size": BATCH_SIZE, "lr": LR, "num_workers": num_workers,
-                       "device": str(device), "threads": torch.get_num_threads()},
-            "epochs": history, "train_seconds": round(sum(e["seconds"] for e in history), 4)}
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_acc": hits / seen,
+                "test_acc": test_acc,
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"epoch {epoch + 1}, loss {loss_sum / seen:.4f}, train acc {hits / seen:.3f}, "
+            f"test acc {test_acc:.3f}  ({seconds:.2f} s)",
+            flush=True,
+        )
+    return {
+        "config": {
+            "recipe": "d2l chapter 3 (DataLoader + ToTensor)",
+            "epochs": epochs,
+            "batch_size": BATCH_SIZE,
+            "lr": LR,
+            "num_workers": num_workers,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        },
+        "epochs": history,
+        "train_seconds": round(sum(e["seconds"] for e in history), 4),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: --out DIR [--epochs 10] [--data-dir data] [--device cpu]."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.d2l_recipe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.d2l_recipe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--data-dir", default="data")
@@ -114,8 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--num-workers", type=int, default=NUM_WORKERS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    metrics = train(args.data_dir, args.epochs, torch.device(args.device), args.num_workers,
-                    args.seed)
+    metrics = train(
+        args.data_dir, args.epochs, torch.device(args.device), args.num_workers, args.seed
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"train_seconds {metrics['train_seconds']:.2f}")

@@ -1,4 +1,5 @@
 """The machine a run measures: device choice, a folder-friendly name for it, and its description."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -45,8 +46,15 @@ def cpu_flags() -> list:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-                              "amx_bf16")
+                    wanted = (
+                        "avx2",
+                        "fma",
+                        "avx512f",
+                        "avx512bw",
+                        "avx512vl",
+                        "avx512_bf16",
+                        "amx_bf16",
+                    )
                     return [w for w in wanted if w in flags]
     except OSError:
         pass
@@ -69,8 +77,13 @@ def slug(device: torch.device) -> str:
 
 def _git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -96,7 +109,7 @@ def _liger_version() -> Optional[str]:
 def _thp() -> Optional[str]:
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-        return text[text.index("[") + 1:text.index("]")]
+        return text[text.index("[") + 1 : text.index("]")]
     except (OSError, ValueError):
         return None
 
@@ -121,13 +134,28 @@ def machine_info(device: torch.device) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     # Environment that changes CPU allocation or threading (and so the numbers).
-    info["env"] = {k: v for k, v in os.environ.items()
-                   if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
-                            "LD_PRELOAD", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES",
-                            "TORCHINDUCTOR_FREEZING") or k.startswith("MALLOC_")}
+    info["env"] = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        in (
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "THP_MEM_ALLOC_ENABLE",
+            "LD_PRELOAD",
+            "OMP_WAIT_POLICY",
+            "CUDA_VISIBLE_DEVICES",
+            "TORCHINDUCTOR_FREEZING",
+        )
+        or k.startswith("MALLOC_")
+    }
     info["transparent_hugepages"] = _thp()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
-                    gpu_sms=props.multi_processor_count, cuda=torch.version.cuda)
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            gpu_sms=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
     return info

@@ -1,4 +1,4 @@
-"""The fused loss against PyTorch's inside the Fashion-MNIST trainer, one process, alternating epochs.
+"""The fused loss against PyTorch's in the Fashion-MNIST trainer: one process, alternating epochs.
 
 Whole trainer processes vary by +-15 % on a shared 2-core VM, more than the difference being
 measured; so this builds the chapter's recipe twice in one process (same seed, same data, one
@@ -9,6 +9,7 @@ goal: fused / torch <= 1.05), and writes ``loss_in_trainer.json`` into the resul
 
     python -m benchmarks.loss_in_trainer [--epochs 10] [--data-dir data] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,24 @@ from softmax_ext.fashion_mnist.recipe import build
 from .cli import RESULTS_ROOT
 from .device import machine_info, slug
 
-RECIPE = {"model": "softmax", "hidden": None, "loss": "fused", "backend": "auto",
-          "label_smoothing": 0.0, "optimizer": "sgd", "lr": 0.1, "seed": 0}
+RECIPE = {
+    "model": "softmax",
+    "hidden": None,
+    "loss": "fused",
+    "backend": "auto",
+    "label_smoothing": 0.0,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "seed": 0,
+}
 
 
 def make_trainer(loss: str, ds: fm_data.FashionMNISTTensors) -> Trainer:
     """The chapter's recipe with ``loss`` ("fused" or "torch"), seeded identically."""
     model, loss_fn, opt = build({**RECIPE, "loss": loss}, torch.device("cpu"))
-    return Trainer(model, loss_fn, opt, ds.train_x, ds.train_y, ds.test_x, ds.test_y,
-                   batch_size=256, seed=0)
+    return Trainer(
+        model, loss_fn, opt, ds.train_x, ds.train_y, ds.test_x, ds.test_y, batch_size=256, seed=0
+    )
 
 
 def measure(epochs: int, data_dir: str) -> dict:
@@ -55,12 +65,23 @@ def measure(epochs: int, data_dir: str) -> dict:
     finally:
         torch.set_num_threads(previous)
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-               for a, b in zip(trainers["fused"].model.parameters(),
-                               trainers["torch"].model.parameters()))
-    return {"epochs": epochs, "seconds": seconds, "median_s": med,
-            "ratio_fused_over_torch": med["fused"] / med["torch"],
-            "goal": 1.05, "test_acc": accs, "same_parameters": same}
+    same = all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(
+            trainers["fused"].model.parameters(),
+            trainers["torch"].model.parameters(),
+            strict=True,
+        )
+    )
+    return {
+        "epochs": epochs,
+        "seconds": seconds,
+        "median_s": med,
+        "ratio_fused_over_torch": med["fused"] / med["torch"],
+        "goal": 1.05,
+        "test_acc": accs,
+        "same_parameters": same,
+    }
 
 
 def main(argv=None) -> int:
@@ -76,9 +97,11 @@ def main(argv=None) -> int:
     path = out / "loss_in_trainer.json"
     path.write_text(json.dumps({"machine": machine, **result}, indent=1) + "\n")
     m = result["median_s"]
-    print(f"epoch medians: fused {m['fused']:.3f} s, torch {m['torch']:.3f} s; "
-          f"fused / torch = {result['ratio_fused_over_torch']:.3f} (goal <= 1.05); "
-          f"same parameters: {result['same_parameters']}; wrote {path}")
+    print(
+        f"epoch medians: fused {m['fused']:.3f} s, torch {m['torch']:.3f} s; "
+        f"fused / torch = {result['ratio_fused_over_torch']:.3f} (goal <= 1.05); "
+        f"same parameters: {result['same_parameters']}; wrote {path}"
+    )
     return 0
 
 

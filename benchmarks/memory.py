@@ -10,6 +10,7 @@
   so this is a lower bound. Saved bytes are exact.
 * CUDA: torch.cuda.max_memory_allocated() during the step minus the allocation before it.
 """
+
 from __future__ import annotations
 
 import ctypes

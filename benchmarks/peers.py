@@ -7,6 +7,7 @@
 * liger: Liger-Kernel's Triton cross-entropy, on CUDA only and where it is importable. It writes
   the gradient into its input during the forward pass, so it gets a private copy of the logits.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -97,7 +98,9 @@ def _ext_unavailable(device: torch.device, backend: str) -> Optional[str]:
         return "softmax_ext is not importable (run from the repository root or pip install -e .)"
     if backend == "cpp" and importlib.util.find_spec("softmax_ext._C") is None:
         # softmax_ext would JIT-compile the extension (minutes); a benchmark should not.
-        return "softmax_ext._C is not built: run `make build` (pip install --no-build-isolation -e .)"
+        return (
+            "softmax_ext._C is not built: run `make build` (pip install --no-build-isolation -e .)"
+        )
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if backend == "triton" and device.type != "cuda":
@@ -105,8 +108,9 @@ def _ext_unavailable(device: torch.device, backend: str) -> Optional[str]:
     return None
 
 
-def available(device: torch.device, wanted: Sequence[str], ext_backend: Optional[str] = None
-              ) -> Tuple[List[Impl], Dict[str, str]]:
+def available(
+    device: torch.device, wanted: Sequence[str], ext_backend: Optional[str] = None
+) -> Tuple[List[Impl], Dict[str, str]]:
     """The implementations of ``wanted`` that can run on ``device``, and why the others cannot."""
     impls: List[Impl] = []
     skipped: Dict[str, str] = {}
@@ -129,8 +133,7 @@ def available(device: torch.device, wanted: Sequence[str], ext_backend: Optional
             elif importlib.util.find_spec("liger_kernel") is None:
                 skipped[name] = "liger_kernel is not installed"
             else:
-                impls.append(Impl(name, "triton", ("cross_entropy",), _liger_fn,
-                                  writes_input=True))
+                impls.append(Impl(name, "triton", ("cross_entropy",), _liger_fn, writes_input=True))
         else:
             raise ValueError(f"unknown implementation {name!r}")
     return impls, skipped

@@ -4,6 +4,7 @@ A results folder (benchmarks/results/<device>/) holds up to three JSON documents
 its own mode: results.json (the kernel sweep), core.json (``--suite core``) and trainer.json
 (``--trainer``). results.md is regenerated from whichever of them exist after every run.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,13 +87,21 @@ def _table(header: List[str], rows: Iterable[List[str]]) -> List[str]:
 
 def machine_section(machine: dict) -> List[str]:
     """The machine a document was measured on, as a small table."""
-    keys = [("device", "device"), ("cpu_model", "CPU"), ("threads", "torch threads"),
-            ("torch", "torch"), ("triton", "triton"), ("liger_kernel", "Liger-Kernel"),
-            ("copy_gbps", "copy bandwidth (GB/s, read+write)"),
-            ("clone_gbps", "copy into fresh memory, clone() (GB/s)"),
-            ("transparent_hugepages", "transparent huge pages"), ("env", "environment"),
-            ("timer", "timer"),
-            ("git_commit", "commit"), ("date", "date")]
+    keys = [
+        ("device", "device"),
+        ("cpu_model", "CPU"),
+        ("threads", "torch threads"),
+        ("torch", "torch"),
+        ("triton", "triton"),
+        ("liger_kernel", "Liger-Kernel"),
+        ("copy_gbps", "copy bandwidth (GB/s, read+write)"),
+        ("clone_gbps", "copy into fresh memory, clone() (GB/s)"),
+        ("transparent_hugepages", "transparent huge pages"),
+        ("env", "environment"),
+        ("timer", "timer"),
+        ("git_commit", "commit"),
+        ("date", "date"),
+    ]
     rows = []
     for key, label in keys:
         v = machine.get(key)
@@ -117,25 +126,43 @@ def kernel_section(doc: dict) -> List[str]:
     out: List[str] = []
     for op in OPS:
         for direction in DIRECTIONS:
-            rs = sorted((r for r in records if r["op"] == op and r["direction"] == direction),
-                        key=_sort_key)
+            rs = sorted(
+                (r for r in records if r["op"] == op and r["direction"] == direction), key=_sort_key
+            )
             if not rs:
                 continue
             out += ["", f"### {op} {direction}", ""]
-            header = ["N x C", "dtype", "impl", "backend", "median ms", "min-max ms", "GB/s",
-                      "of copy", "vs torch", "vs torch.compile"]
+            header = [
+                "N x C",
+                "dtype",
+                "impl",
+                "backend",
+                "median ms",
+                "min-max ms",
+                "GB/s",
+                "of copy",
+                "vs torch",
+                "vs torch.compile",
+            ]
             mem = direction == "fwd+bwd"
             if mem:
                 header += ["saved for bwd", "peak mem"]
             rows = []
             for r in rs:
-                row = [f"{r['rows']} x {r['classes']}", r["dtype"], r["impl"], r["backend"],
-                       fmt_ms(r["median_ms"]), f"{fmt_ms(r['min_ms'])}-{fmt_ms(r['max_ms'])}",
-                       fmt_gbps(r.get("gbps")),
-                       "-" if r.get("frac_of_copy") is None else f"{100 * r['frac_of_copy']:.0f}%",
-                       "1.00x" if r["impl"] == "torch" else fmt_x(r.get("speedup_vs_torch")),
-                       "1.00x" if r["impl"] == "torch.compile"
-                       else fmt_x(r.get("speedup_vs_torch_compile"))]
+                row = [
+                    f"{r['rows']} x {r['classes']}",
+                    r["dtype"],
+                    r["impl"],
+                    r["backend"],
+                    fmt_ms(r["median_ms"]),
+                    f"{fmt_ms(r['min_ms'])}-{fmt_ms(r['max_ms'])}",
+                    fmt_gbps(r.get("gbps")),
+                    "-" if r.get("frac_of_copy") is None else f"{100 * r['frac_of_copy']:.0f}%",
+                    "1.00x" if r["impl"] == "torch" else fmt_x(r.get("speedup_vs_torch")),
+                    "1.00x"
+                    if r["impl"] == "torch.compile"
+                    else fmt_x(r.get("speedup_vs_torch_compile")),
+                ]
                 if mem:
                     peak = r.get("cuda_peak_bytes", r.get("rss_peak_growth_bytes"))
                     row += [fmt_bytes(r.get("saved_bytes")), fmt_bytes(peak)]
@@ -147,22 +174,35 @@ def kernel_section(doc: dict) -> List[str]:
 def trainer_section(doc: dict) -> List[str]:
     """The Fashion-MNIST trainer comparison."""
     runs = doc.get("runs", [])
-    base = next((r.get("train_seconds") for r in runs if r.get("name", "").startswith("d2l")),
-                None)
+    base = next((r.get("train_seconds") for r in runs if r.get("name", "").startswith("d2l")), None)
     rows = []
     for r in runs:
         t = r.get("train_seconds")
         speed = fmt_x(base / t) if base and t else "-"
         acc = r.get("test_acc")
-        rows.append([r.get("name", "?"), "-" if t is None else f"{t:.1f}",
-                     "-" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.1f}",
-                     str(r.get("epochs", "-")), "-" if acc is None else f"{acc:.4f}", speed,
-                     r.get("error") or ""])
-    out = ["", f"Fashion-MNIST, softmax regression, batch 256, SGD lr 0.1 "
-                f"({doc.get('machine', {}).get('device', '?')}, {doc.get('date', '')}).", ""]
+        rows.append(
+            [
+                r.get("name", "?"),
+                "-" if t is None else f"{t:.1f}",
+                "-" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.1f}",
+                str(r.get("epochs", "-")),
+                "-" if acc is None else f"{acc:.4f}",
+                speed,
+                r.get("error") or "",
+            ]
+        )
+    out = [
+        "",
+        f"Fashion-MNIST, softmax regression, batch 256, SGD lr 0.1 "
+        f"({doc.get('machine', {}).get('device', '?')}, {doc.get('date', '')}).",
+        "",
+    ]
     out += _table(["run", "train s", "wall s", "epochs", "test acc", "vs d2l", "note"], rows)
-    out += ["", "train s: the training loop as each run times it; wall s: the whole process "
-                "(start-up, data loading and evaluation included)."]
+    out += [
+        "",
+        "train s: the training loop as each run times it; wall s: the whole process "
+        "(start-up, data loading and evaluation included).",
+    ]
     return out
 
 
@@ -182,21 +222,32 @@ def write_markdown(folder: Path) -> Path:
     sweep, core, trainer = (read_json(folder / n) for n in (RESULTS, CORE, TRAINER))
     main = sweep or core or trainer or {}
     lines = [f"# softmax_ext benchmarks: {main.get('machine', {}).get('device', folder.name)}", ""]
-    lines += ["Generated by `python -m benchmarks`; see docs/benchmarks.md for what the columns "
-              "mean.", ""]
+    lines += [
+        "Generated by `python -m benchmarks`; see docs/benchmarks.md for what the columns mean.",
+        "",
+    ]
     for title, doc in (("core suite (core.json)", core), ("sweep (results.json)", sweep)):
         if doc and doc.get("targets"):
-            lines += [f"## Core targets, {title}", "", "```",
-                      format_targets(doc["targets"], doc["machine"]), "```", ""]
+            lines += [
+                f"## Core targets, {title}",
+                "",
+                "```",
+                format_targets(doc["targets"], doc["machine"]),
+                "```",
+                "",
+            ]
     if sweep and sweep.get("interrupted"):
         lines += ["**The sweep was interrupted: the tables below are partial.**", ""]
     if sweep:
         lines += ["## Machine", ""] + machine_section(sweep["machine"]) + [""]
-        lines += ["## Kernels", "",
-                  f"Median of {sweep['config'].get('reps')} interleaved repetitions (fewer where "
-                  "the time budget of a group ran out: see `reps` in results.json). GB/s counts "
-                  "the minimum bytes; 'of copy' is that bandwidth over the copy bandwidth; "
-                  "'vs X' is X's time over this row's time."]
+        lines += [
+            "## Kernels",
+            "",
+            f"Median of {sweep['config'].get('reps')} interleaved repetitions (fewer where "
+            "the time budget of a group ran out: see `reps` in results.json). GB/s counts "
+            "the minimum bytes; 'of copy' is that bandwidth over the copy bandwidth; "
+            "'vs X' is X's time over this row's time.",
+        ]
         lines += kernel_section(sweep) + [""]
         problems = problems_section(sweep)
         if problems:

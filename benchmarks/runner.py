@@ -5,6 +5,7 @@ process, right after one another, so their ratios are fair; the copy floor is me
 same run. A failure of one implementation (out of memory, an unsupported dtype) is recorded in
 ``errors`` and the others go on.
 """
+
 from __future__ import annotations
 
 import gc
@@ -55,8 +56,9 @@ def impl_key(name: str) -> str:
 def choose_reps(cfg: Config, cals: Dict[str, Calibration], direction: str) -> int:
     """cfg.reps, fewer (not below cfg.min_reps) when one round would overrun the group budget."""
     # a settled single-call repetition runs twice
-    per_round = sum(c.inner * c.call_s * (2 if cfg.settle and c.inner == 1 else 1)
-                    for c in cals.values())
+    per_round = sum(
+        c.inner * c.call_s * (2 if cfg.settle and c.inner == 1 else 1) for c in cals.values()
+    )
     if direction == "bwd":
         per_round *= 2  # the untimed forward before each backward costs about as much
     if per_round <= 0:
@@ -73,8 +75,9 @@ class Sweep:
         self.timer = make_timer(cfg.device)
         self.records: List[dict] = []
         self.errors: List[dict] = []
-        self.impls, self.skipped = peers.available(cfg.device, cfg.impls,
-                                                   cfg.extra.get("ext_backend"))
+        self.impls, self.skipped = peers.available(
+            cfg.device, cfg.impls, cfg.extra.get("ext_backend")
+        )
         for name, why in self.skipped.items():
             log(f"skipping {name}: {why}")
 
@@ -91,12 +94,15 @@ class Sweep:
         t_start = time.perf_counter()
         machine = machine_info(cfg.device)
         machine["timer"] = self.timer.kind
-        self.log(f"device: {machine['device']}, {machine['threads']} threads, torch "
-                 f"{machine['torch']}")
+        self.log(
+            f"device: {machine['device']}, {machine['threads']} threads, torch {machine['torch']}"
+        )
         copy = bandwidth.copy_bandwidth(cfg.device, cfg.copy_mib)
         machine.update(copy)
-        self.log(f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write; "
-                 f"into fresh memory: {copy['clone_gbps']:.1f} GB/s)")
+        self.log(
+            f"copy bandwidth: {copy['copy_gbps']:.1f} GB/s ({cfg.copy_mib} MiB, read+write; "
+            f"into fresh memory: {copy['clone_gbps']:.1f} GB/s)"
+        )
         interrupted = False
         try:
             for rows, classes in cfg.shapes:
@@ -111,12 +117,18 @@ class Sweep:
         add_speedups(self.records)
         return {
             "machine": machine,
-            "config": {"ops": list(cfg.ops), "directions": list(cfg.directions),
-                       "impls": list(cfg.impls), "dtypes": list(cfg.dtypes),
-                       "shapes": [list(s) for s in cfg.shapes], "reps": cfg.reps,
-                       "group_budget_s": cfg.group_budget_s, "rep_target_s": cfg.rep_target_s,
-                       "settle": cfg.settle,
-                       "suite": cfg.suite},
+            "config": {
+                "ops": list(cfg.ops),
+                "directions": list(cfg.directions),
+                "impls": list(cfg.impls),
+                "dtypes": list(cfg.dtypes),
+                "shapes": [list(s) for s in cfg.shapes],
+                "reps": cfg.reps,
+                "group_budget_s": cfg.group_budget_s,
+                "rep_target_s": cfg.rep_target_s,
+                "settle": cfg.settle,
+                "suite": cfg.suite,
+            },
             "records": self.records,
             "errors": self.errors,
             "skipped": self.skipped,
@@ -124,8 +136,9 @@ class Sweep:
             "interrupted": interrupted,
         }
 
-    def measure_op(self, op: str, rows: int, classes: int, dtype_name: str,
-                   copy_gbps: float) -> None:
+    def measure_op(
+        self, op: str, rows: int, classes: int, dtype_name: str, copy_gbps: float
+    ) -> None:
         """All directions of ``op`` at one shape and dtype."""
         cfg, device = self.cfg, self.cfg.device
         dtype = DTYPES[dtype_name]
@@ -154,8 +167,16 @@ class Sweep:
         del inputs, fns, own
         _free(device, size)
 
-    def measure_direction(self, where: dict, direction: str, impls: list, fns: dict,
-                          own: Dict[str, Inputs], copy_gbps: float, dtype: torch.dtype) -> None:
+    def measure_direction(
+        self,
+        where: dict,
+        direction: str,
+        impls: list,
+        fns: dict,
+        own: Dict[str, Inputs],
+        copy_gbps: float,
+        dtype: torch.dtype,
+    ) -> None:
         """Warm up, calibrate and time every implementation of one direction, interleaved."""
         cfg = self.cfg
         where = {**where, "direction": direction}
@@ -166,8 +187,9 @@ class Sweep:
                 continue
             try:
                 steps[impl.name] = make_step(fns[impl.name], own[impl.name], direction)
-                cals[impl.name] = calibrate(steps[impl.name], self.timer, cfg.warmup_s,
-                                            cfg.rep_target_s)
+                cals[impl.name] = calibrate(
+                    steps[impl.name], self.timer, cfg.warmup_s, cfg.rep_target_s
+                )
             except Exception as err:
                 steps.pop(impl.name, None)
                 self.error(where, impl.name, err)
@@ -175,23 +197,36 @@ class Sweep:
         if not steps:
             return
         reps = choose_reps(cfg, cals, direction)
-        samples = interleaved(steps, {n: c.inner for n, c in cals.items()}, self.timer, reps,
-                              on_error=lambda name, err: self.error(where, name, err),
-                              settle=cfg.settle)
+        samples = interleaved(
+            steps,
+            {n: c.inner for n, c in cals.items()},
+            self.timer,
+            reps,
+            on_error=lambda name, err: self.error(where, name, err),
+            settle=cfg.settle,
+        )
         del steps
         _free(cfg.device, size)
-        nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"],
-                                     dtype)
+        nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"], dtype)
         line = []
         for impl in impls:
             if impl.name not in samples or not samples[impl.name]:
                 continue
             stats = summarize(samples[impl.name])
             gbps, frac = bandwidth.achieved(nbytes, stats["median_ms"] / 1e3, copy_gbps)
-            rec = {**where, "impl": impl.name, "backend": impl.backend, **stats,
-                   "reps": len(samples[impl.name]), "inner": cals[impl.name].inner,
-                   "first_call_ms": cals[impl.name].first_call_s * 1e3, "bytes": nbytes,
-                   "gbps": gbps, "frac_of_copy": frac, "peak_mem_bytes": None}
+            rec = {
+                **where,
+                "impl": impl.name,
+                "backend": impl.backend,
+                **stats,
+                "reps": len(samples[impl.name]),
+                "inner": cals[impl.name].inner,
+                "first_call_ms": cals[impl.name].first_call_s * 1e3,
+                "bytes": nbytes,
+                "gbps": gbps,
+                "frac_of_copy": frac,
+                "peak_mem_bytes": None,
+            }
             if direction == "fwd+bwd" and cfg.memory:
                 try:
                     rec.update(memory.measure(fns[impl.name], own[impl.name], cfg.device))
@@ -200,16 +235,19 @@ class Sweep:
                 _free(cfg.device, size)
             self.records.append(rec)
             line.append(f"{impl.name} {stats['median_ms']:.3f} ms")
-        self.log(f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
-                 f"{direction} (x{reps}): " + " | ".join(line))
+        self.log(
+            f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
+            f"{direction} (x{reps}): " + " | ".join(line)
+        )
 
 
 def add_speedups(records: List[dict]) -> None:
     """speedup_vs_<peer> = peer's median / this record's median, for every peer timed with it."""
     groups: Dict[tuple, List[dict]] = {}
     for r in records:
-        groups.setdefault((r["op"], r["direction"], r["rows"], r["classes"], r["dtype"]),
-                          []).append(r)
+        groups.setdefault(
+            (r["op"], r["direction"], r["rows"], r["classes"], r["dtype"]), []
+        ).append(r)
     for group in groups.values():
         for r in group:
             for other in group:

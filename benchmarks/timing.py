@@ -4,6 +4,7 @@ A :class:`Step` is the work of one implementation for one measurement: ``run`` i
 ``prepare`` (when given) runs untimed before every timed call, e.g. the forward pass that a
 backward-only measurement needs afresh each time.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -98,8 +99,9 @@ class Calibration:
     inner: int
 
 
-def calibrate(step: Step, timer, warmup_s: float, rep_target_s: float,
-              max_inner: int = 10000) -> Calibration:
+def calibrate(
+    step: Step, timer, warmup_s: float, rep_target_s: float, max_inner: int = 10000
+) -> Calibration:
     """Warm ``step`` up (first call separately: it may compile) and choose its loop count."""
     t0 = time.perf_counter()
     if step.prepare is not None:
@@ -116,14 +118,19 @@ def calibrate(step: Step, timer, warmup_s: float, rep_target_s: float,
         enough = len(samples) >= 3 or elapsed >= max(1.0, warmup_s)
         if enough and (elapsed >= warmup_s or len(samples) >= 200):
             break
-    call_s = max(statistics.median(samples[len(samples) // 2:]), 1e-9)
+    call_s = max(statistics.median(samples[len(samples) // 2 :]), 1e-9)
     inner = int(min(max_inner, max(1, round(rep_target_s / call_s))))
     return Calibration(first, call_s, inner)
 
 
-def interleaved(steps: Dict[str, Step], inner: Dict[str, int], timer, reps: int,
-                on_error: Optional[Callable[[str, BaseException], None]] = None,
-                settle: bool = False) -> Dict[str, List[float]]:
+def interleaved(
+    steps: Dict[str, Step],
+    inner: Dict[str, int],
+    timer,
+    reps: int,
+    on_error: Optional[Callable[[str, BaseException], None]] = None,
+    settle: bool = False,
+) -> Dict[str, List[float]]:
     """Time every step ``reps`` times, round-robin, rotating the order each round.
 
     Interleaving spreads slow drifts of the machine (clocks, a neighbour's load) over all
@@ -156,5 +163,8 @@ def interleaved(steps: Dict[str, Step], inner: Dict[str, int], timer, reps: int,
 
 def summarize(seconds: Sequence[float]) -> dict:
     """median / min / max in milliseconds."""
-    return {"median_ms": statistics.median(seconds) * 1e3, "min_ms": min(seconds) * 1e3,
-            "max_ms": max(seconds) * 1e3}
+    return {
+        "median_ms": statistics.median(seconds) * 1e3,
+        "min_ms": min(seconds) * 1e3,
+        "max_ms": max(seconds) * 1e3,
+    }

@@ -9,6 +9,7 @@ Runs, each in its own process so none inherits another's warm caches or threads:
 Each writes metrics.json with "train_seconds" (its own timing of the epochs); the benchmark adds
 the whole process's wall time and writes trainer.json into the results folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,29 +34,57 @@ def command(name: str, out: Path, epochs: int, data_dir: str, device: torch.devi
     """The command line of trainer run ``name``."""
     dev = device.type
     if name == "d2l":
-        return [sys.executable, "-m", "benchmarks.d2l_recipe", "--out", str(out), "--epochs",
-                str(epochs), "--data-dir", data_dir, "--device", dev]
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.d2l_recipe",
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--data-dir",
+            data_dir,
+            "--device",
+            dev,
+        ]
     if name in ("fused", "torch"):
-        return [sys.executable, "-m", "softmax_ext.train", "--loss", name, "--out", str(out),
-                "--epochs", str(epochs), "--data-dir", data_dir, "--device", dev]
+        return [
+            sys.executable,
+            "-m",
+            "softmax_ext.train",
+            "--loss",
+            name,
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--data-dir",
+            data_dir,
+            "--device",
+            dev,
+        ]
     raise ValueError(f"unknown trainer run {name!r}; choose from {', '.join(RUNS)}")
 
 
-def run_one(name: str, epochs: int, data_dir: str, device: torch.device, timeout_s: float,
-            workdir: Path) -> dict:
+def run_one(
+    name: str, epochs: int, data_dir: str, device: torch.device, timeout_s: float, workdir: Path
+) -> dict:
     """Run one trainer in a subprocess; its metrics plus wall time (or the error)."""
     out = workdir / name
     cmd = command(name, out, epochs, data_dir, device)
-    label = {"d2l": "d2l recipe (DataLoader, torch loss)",
-             "fused": "softmax_ext.train --loss fused",
-             "torch": "softmax_ext.train --loss torch"}[name]
+    label = {
+        "d2l": "d2l recipe (DataLoader, torch loss)",
+        "fused": "softmax_ext.train --loss fused",
+        "torch": "softmax_ext.train --loss torch",
+    }[name]
     result = {"name": label, "run": name, "command": " ".join(cmd[1:]), "epochs": epochs}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     print(f"trainer: {label} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         result["error"] = f"timed out after {timeout_s:.0f} s"
         return result
@@ -93,9 +122,16 @@ def _merge(trials: List[dict]) -> dict:
     return merged
 
 
-def run_trainers(folder: Path, device: torch.device, epochs: int = 10, data_dir: str = "data",
-                 runs: Sequence[str] = RUNS, timeout_s: float = 3600.0, reps: int = 1,
-                 workdir: Optional[Path] = None) -> int:
+def run_trainers(
+    folder: Path,
+    device: torch.device,
+    epochs: int = 10,
+    data_dir: str = "data",
+    runs: Sequence[str] = RUNS,
+    timeout_s: float = 3600.0,
+    reps: int = 1,
+    workdir: Optional[Path] = None,
+) -> int:
     """Run the selected trainers (``reps`` rounds, interleaved), write trainer.json and
     results.md into ``folder``; return 0 when every run succeeded, else 1."""
     for name in runs:

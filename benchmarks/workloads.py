@@ -5,6 +5,7 @@ what its backward needs). Gradients come from torch.autograd.grad, so nothing ac
 ``x.grad``. "bwd" re-runs the forward untimed before every timed backward: torch.compile's
 backward refuses ``retain_graph`` (donated buffers) and Liger's forward rewrites its input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ class Inputs:
     dy: Optional[Tensor]
 
 
-def make_inputs(op: str, rows: int, classes: int, dtype: torch.dtype, device: torch.device,
-                seed: int = 0) -> Inputs:
+def make_inputs(
+    op: str, rows: int, classes: int, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> Inputs:
     """Random inputs for ``op`` at (rows, classes)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(rows, classes, generator=gen, dtype=dtype, device=device).requires_grad_()
@@ -46,8 +48,11 @@ def private_copy(inputs: Inputs) -> Inputs:
 
 def storages(inputs: Inputs) -> Set[int]:
     """Storage addresses of the inputs (saved tensors that are just the inputs cost nothing)."""
-    return {t.untyped_storage().data_ptr() for t in (inputs.x, inputs.target, inputs.dy)
-            if t is not None}
+    return {
+        t.untyped_storage().data_ptr()
+        for t in (inputs.x, inputs.target, inputs.dy)
+        if t is not None
+    }
 
 
 def forward_backward(fn: Fn, inputs: Inputs) -> Tensor:

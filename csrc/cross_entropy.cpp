@@ -15,13 +15,12 @@
 namespace sme {
 namespace {
 
-
 // Running statistics of one row: m + log(s) is its log-sum-exp.
 template <typename A>
 struct RowStats {
   A m = -std::numeric_limits<A>::infinity();
   A s = 0;
-  A shift = 0;        // reference r for the shifted sums (first finite chunk max)
+  A shift = 0;  // reference r for the shifted sums (first finite chunk max)
   bool shift_set = false;
   SME_INLINE void add(const A* x, int64_t n, const void* next) {
     chunk_lse(x, n, m, s, next);
@@ -88,7 +87,8 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
   using A = acc_t<T>;
   if constexpr (std::is_same_v<A, float>) {
     if (a.C <= kBlockMaxC) {
-      for (int64_t i = begin; i < end; i += kLanes) ce_index_fwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      for (int64_t i = begin; i < end; i += kLanes)
+        ce_index_fwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
       return;
     }
   }
@@ -132,7 +132,7 @@ struct IndexBwdArgs {
   const double* lse;
   int64_t ignore_index;
   bool with_smooth;
-  void* gx;  // contiguous (rows, C)
+  void* gx;     // contiguous (rows, C)
   bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
 };
 
@@ -147,7 +147,8 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
     const int64_t i = i0 + l, t = tv[l] = a.target[i * a.target_stride];
     if (t == a.ignore_index) continue;
-    const float gs = a.with_smooth ? static_cast<const float*>(a.grad_smooth)[i * a.gs_stride] : 0.0f;
+    const float gs =
+        a.with_smooth ? static_cast<const float*>(a.grad_smooth)[i * a.gs_stride] : 0.0f;
     gtv[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
     hv[l] = static_cast<float>(a.lse[i]);
     lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
@@ -166,7 +167,8 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
       std::memset(static_cast<void*>(gr), 0, C * sizeof(T));
       continue;
     }
-    xt[tv[l] * kLanes + l] -= gtv[l];  // the true-class term, in float, rounded once as the row path does
+    // the true-class term, in float, rounded once as the row path does
+    xt[tv[l] * kLanes + l] -= gtv[l];
     store_block_row(xt, l, C, gr);
   }
 }
@@ -176,7 +178,8 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
   using A = acc_t<T>;
   if constexpr (std::is_same_v<A, float>) {
     if (a.C <= kBlockMaxC) {
-      for (int64_t i = begin; i < end; i += kLanes) ce_index_bwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      for (int64_t i = begin; i < end; i += kLanes)
+        ce_index_bwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
       return;
     }
   }
@@ -200,7 +203,8 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
       const int64_t n = std::min(kChunk, a.C - c0);
       A* out = out_chunk(gr + c0, obuf);
       const bool stream = std::is_same_v<T, float> && a.stream;
-      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out, stream);
+      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out,
+                    stream);
       if (t >= c0 && t < c0 + n) out[t - c0] -= gt;  // in the accumulation type, then rounded once
       from_acc(out, n, gr + c0);
     }
@@ -277,8 +281,8 @@ SME_INLINE void ce_soft_bwd_rows(const SoftBwdArgs& a, int64_t begin, int64_t en
     for (int64_t k0 = 0; k0 < a.C; k0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - k0);
       A* out = out_chunk(gr + k0, obuf);
-      ce_soft_grad(to_acc(xr + k0, n, xbuf), to_acc(tr + k0, n, tbuf), w ? w + k0 : nullptr, n,
-                   hi, lo, gS, c1, c0, out);
+      ce_soft_grad(to_acc(xr + k0, n, xbuf), to_acc(tr + k0, n, tbuf), w ? w + k0 : nullptr, n, hi,
+                   lo, gS, c1, c0, out);
       from_acc(out, n, gr + k0);
     }
   }
@@ -289,11 +293,12 @@ SME_CLONED_ENTRY(ce_index_bwd_rows, IndexBwdArgs)
 SME_CLONED_ENTRY(ce_soft_fwd_rows, SoftFwdArgs)
 SME_CLONED_ENTRY(ce_soft_bwd_rows, SoftBwdArgs)
 
-// ---- argument checks shared by the four operators ------------------------------------------------
+// ---- argument checks shared by the four operators -----------------------------------------------
 
 void check_logits(const at::Tensor& x, const char* op) {
   check_floating(x, op);
-  TORCH_CHECK(x.dim() == 2, "softmax_ext::", op, ": logits must be (rows, classes), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "softmax_ext::", op, ": logits must be (rows, classes), got ",
+              x.sizes());
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "softmax_ext::", op,
               ": logits must have unit class stride");
 }
@@ -317,7 +322,8 @@ void check_index_target(const at::Tensor& x, const at::Tensor& target, int64_t i
 
 void check_soft_target(const at::Tensor& x, const at::Tensor& target, const char* op) {
   TORCH_CHECK(target.scalar_type() == x.scalar_type(), "softmax_ext::", op,
-              ": soft targets must have the logits' dtype ", x.scalar_type(), ", got ", target.scalar_type());
+              ": soft targets must have the logits' dtype ", x.scalar_type(), ", got ",
+              target.scalar_type());
   TORCH_CHECK(target.sizes() == x.sizes(), "softmax_ext::", op, ": soft target shape ",
               target.sizes(), " differs from logits ", x.sizes());
 }
@@ -325,7 +331,8 @@ void check_soft_target(const at::Tensor& x, const at::Tensor& target, const char
 // The weight as a contiguous accumulation-type vector (or an undefined tensor) and its sum.
 std::pair<at::Tensor, double> prepared_weight(const std::optional<at::Tensor>& weight,
                                               const at::Tensor& x, const char* op) {
-  if (!weight.has_value() || !weight->defined()) return {at::Tensor(), static_cast<double>(x.size(1))};
+  if (!weight.has_value() || !weight->defined())
+    return {at::Tensor(), static_cast<double>(x.size(1))};
   TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(1), "softmax_ext::", op,
               ": weight must be (classes,) = (", x.size(1), ",), got ", weight->sizes());
   at::Tensor w = weight->to(acc_type(x.scalar_type())).contiguous();
@@ -354,9 +361,11 @@ bool streams_well(const at::Tensor& gx) {
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& logits,
+                                                            const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,
-                                                            int64_t ignore_index, bool with_smooth) {
+                                                            int64_t ignore_index,
+                                                            bool with_smooth) {
   check_logits(logits, "ce_index_fwd");
   check_index_target(logits, target, ignore_index, "ce_index_fwd");
   auto [w, W] = prepared_weight(weight, logits, "ce_index_fwd");
@@ -366,16 +375,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& lo
   at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
   if (rows == 0) return {nll, smooth, lse};
   TORCH_CHECK(C > 0, "softmax_ext::ce_index_fwd: no classes");
-  const IndexFwdArgs a{logits.const_data_ptr(), logits.stride(0), C, target.const_data_ptr<int64_t>(),
-                       target.stride(0), data_or_null(w), W, ignore_index, with_smooth,
-                       nll.mutable_data_ptr(), smooth.mutable_data_ptr(), lse.mutable_data_ptr<double>()};
+  const IndexFwdArgs a{logits.const_data_ptr(),
+                       logits.stride(0),
+                       C,
+                       target.const_data_ptr<int64_t>(),
+                       target.stride(0),
+                       data_or_null(w),
+                       W,
+                       ignore_index,
+                       with_smooth,
+                       nll.mutable_data_ptr(),
+                       smooth.mutable_data_ptr(),
+                       lse.mutable_data_ptr<double>()};
   ce_index_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
   return {nll, smooth, lse};
 }
 
-at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smooth, const at::Tensor& logits,
-                        const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, int64_t ignore_index, bool with_smooth) {
+at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smooth,
+                        const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                        int64_t ignore_index, bool with_smooth) {
   check_logits(logits, "ce_index_bwd");
   check_index_target(logits, target, ignore_index, "ce_index_bwd");
   auto [w, W] = prepared_weight(weight, logits, "ce_index_bwd");
@@ -384,16 +403,28 @@ at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smoot
   const at::Tensor l = lse_of(lse, logits);
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return gx;
-  const IndexBwdArgs a{gn.const_data_ptr(), gn.stride(0), gs.const_data_ptr(), gs.stride(0),
-                       logits.const_data_ptr(), logits.stride(0), logits.size(1),
-                       target.const_data_ptr<int64_t>(), target.stride(0), data_or_null(w), W,
-                       l.const_data_ptr<double>(), ignore_index, with_smooth, gx.mutable_data_ptr(),
+  const IndexBwdArgs a{gn.const_data_ptr(),
+                       gn.stride(0),
+                       gs.const_data_ptr(),
+                       gs.stride(0),
+                       logits.const_data_ptr(),
+                       logits.stride(0),
+                       logits.size(1),
+                       target.const_data_ptr<int64_t>(),
+                       target.stride(0),
+                       data_or_null(w),
+                       W,
+                       l.const_data_ptr<double>(),
+                       ignore_index,
+                       with_smooth,
+                       gx.mutable_data_ptr(),
                        streams_well(gx)};
   ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   return gx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_soft_fwd(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_soft_fwd(const at::Tensor& logits,
+                                                           const at::Tensor& target,
                                                            const std::optional<at::Tensor>& weight,
                                                            double label_smoothing) {
   check_logits(logits, "ce_soft_fwd");
@@ -406,16 +437,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_soft_fwd(const at::Tensor& log
   at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
   if (rows == 0) return {loss, lse, tsum};
   TORCH_CHECK(C > 0, "softmax_ext::ce_soft_fwd: no classes");
-  const SoftFwdArgs a{logits.const_data_ptr(), logits.stride(0), C, t.const_data_ptr(), t.stride(0),
-                      data_or_null(w), label_smoothing, loss.mutable_data_ptr(),
-                      lse.mutable_data_ptr<double>(), tsum.mutable_data_ptr()};
+  const SoftFwdArgs a{logits.const_data_ptr(),
+                      logits.stride(0),
+                      C,
+                      t.const_data_ptr(),
+                      t.stride(0),
+                      data_or_null(w),
+                      label_smoothing,
+                      loss.mutable_data_ptr(),
+                      lse.mutable_data_ptr<double>(),
+                      tsum.mutable_data_ptr()};
   ce_soft_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
   return {loss, lse, tsum};
 }
 
-at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& tsum,
-                       double label_smoothing) {
+at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
+                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& lse, const at::Tensor& tsum, double label_smoothing) {
   check_logits(logits, "ce_soft_bwd");
   check_soft_target(logits, target, "ce_soft_bwd");
   auto [w, W] = prepared_weight(weight, logits, "ce_soft_bwd");
@@ -425,9 +463,10 @@ at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, co
   const at::Tensor l = lse_of(lse, logits);
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return gx;
-  const SoftBwdArgs a{g.const_data_ptr(), g.stride(0), logits.const_data_ptr(), logits.stride(0),
-                      logits.size(1), t.const_data_ptr(), t.stride(0), data_or_null(w),
-                      l.const_data_ptr<double>(), ts.const_data_ptr(), label_smoothing, gx.mutable_data_ptr()};
+  const SoftBwdArgs a{g.const_data_ptr(),  g.stride(0),     logits.const_data_ptr(),
+                      logits.stride(0),    logits.size(1),  t.const_data_ptr(),
+                      t.stride(0),         data_or_null(w), l.const_data_ptr<double>(),
+                      ts.const_data_ptr(), label_smoothing, gx.mutable_data_ptr()};
   ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   return gx;
 }

@@ -2,10 +2,10 @@
 // C++.
 //
 // The forward and backward call the per-row operators ce_index_fwd / ce_index_bwd through the
-// dispatcher, so one autograd node serves every device those have kernels for (C++ on CPU, Triton on
-// CUDA). Being a C++ autograd node rather than a Python torch.autograd.Function is the point: at
-// small shapes (a 256 x 10 batch) the Python Function's bookkeeping, and the Python-level ops of the
-// reduction, cost more than both kernels together.
+// dispatcher, so one autograd node serves every device those have kernels for (C++ on CPU, Triton
+// on CUDA). Being a C++ autograd node rather than a Python torch.autograd.Function is the point: at
+// small shapes (a 256 x 10 batch) the Python Function's bookkeeping, and the Python-level ops of
+// the reduction, cost more than both kernels together.
 #include <ATen/core/Reduction.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -16,21 +16,25 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool);
-using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const std::optional<at::Tensor>&, const at::Tensor&, int64_t, bool);
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                              const std::optional<at::Tensor>&,
+                                                              int64_t, bool);
+using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                          int64_t, bool);
 
 // Looked up on first use: the schemas are defined by softmax_ext/ops.py, which may import after us.
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("softmax_ext::ce_index_fwd", "").typed<FwdSig>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("softmax_ext::ce_index_fwd", "")
+                             .typed<FwdSig>();
   return op;
 }
 
 const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("softmax_ext::ce_index_bwd", "").typed<BwdSig>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("softmax_ext::ce_index_bwd", "")
+                             .typed<BwdSig>();
   return op;
 }
 
@@ -41,8 +45,8 @@ std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
 // PyTorch's denominator of a mean: the number of non-ignored targets, or with class weights the sum
 // of their weights. The gather uses clamped targets so that it can never assert on a device (an
 // out-of-range target is reported by the kernels; its row is excluded here anyway).
-at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index,
-                            int64_t n_classes) {
+at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& weight,
+                            int64_t ignore_index, int64_t n_classes) {
   const at::Tensor valid = target.ne(ignore_index);
   if (!weight.defined()) return valid.sum();  // int64: dividing a float by it promotes
   return weight.gather(0, target.clamp(0, n_classes - 1)).mul_(valid).sum();
@@ -52,12 +56,15 @@ struct LossAndState {
   at::Tensor loss, lse, denom;
 };
 
-LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                          int64_t ignore_index, double eps, int64_t reduction) {
+LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                          const at::Tensor& weight, int64_t ignore_index, double eps,
+                          int64_t reduction) {
   const bool with_smooth = eps > 0.0;
-  auto [nll, smooth, lse] = fwd_op().call(logits, target, defined_or_none(weight), ignore_index, with_smooth);
+  auto [nll, smooth, lse] =
+      fwd_op().call(logits, target, defined_or_none(weight), ignore_index, with_smooth);
   at::Tensor rows = nll;
-  if (with_smooth) rows = nll.mul(1.0 - eps).add_(smooth, eps / static_cast<double>(logits.size(1)));
+  if (with_smooth)
+    rows = nll.mul(1.0 - eps).add_(smooth, eps / static_cast<double>(logits.size(1)));
   at::Tensor denom;
   switch (reduction) {
     case at::Reduction::None:
@@ -72,9 +79,10 @@ LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target, co
   }
 }
 
-// d loss / d per-row term, scaled by coef: grad itself ('none') or a stride-0 expansion of a scalar.
-at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, int64_t rows, const at::Tensor& denom,
-                     double coef) {
+// d loss / d per-row term, scaled by coef: grad itself ('none') or a stride-0 expansion of a
+// scalar.
+at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, int64_t rows,
+                     const at::Tensor& denom, double coef) {
   at::Tensor g = reduction == at::Reduction::Mean ? grad.div(denom) : grad;
   if (coef != 1.0) g = g.mul(coef);
   return reduction == at::Reduction::None ? g : g.expand({rows});
@@ -84,19 +92,21 @@ at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, int64_t rows, co
 // create_graph=True): differentiating through it raises, instead of silently giving no second-order
 // term (the per-row kernels have no derivative of their own).
 struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
-  static at::Tensor forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& /*logits*/) {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad,
+                            const at::Tensor& /*logits*/) {
     return grad.clone();
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "softmax_ext: cross_entropy has no second derivative (double backward); "
+    TORCH_CHECK(false,
+                "softmax_ext: cross_entropy has no second derivative (double backward); "
                 "use backend='torch' where one is needed");
   }
 };
 
 struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropyIndexFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                            int64_t reduction) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            int64_t ignore_index, double eps, int64_t reduction) {
     const at::Tensor w = weight.value_or(at::Tensor());
     LossAndState r = forward_impl(logits, target, w, ignore_index, eps, reduction);
     ctx->save_for_backward({logits, target, w, r.lse, r.denom});
@@ -119,10 +129,11 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
     {
       at::NoGradGuard no_grad;
       const at::Tensor g_nll = row_scale(grads[0], reduction, rows, denom, 1.0 - eps);
-      const at::Tensor g_smooth =
-          with_smooth ? row_scale(grads[0], reduction, rows, denom, eps / static_cast<double>(n_classes)) : g_nll;
-      grad_logits =
-          bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse, ignore_index, with_smooth);
+      const at::Tensor g_smooth = with_smooth ? row_scale(grads[0], reduction, rows, denom,
+                                                          eps / static_cast<double>(n_classes))
+                                              : g_nll;
+      grad_logits = bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse,
+                                  ignore_index, with_smooth);
     }
     if (create_graph) grad_logits = NoSecondDerivative::apply(grad_logits, logits);
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -130,9 +141,11 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
 };
 
 at::Tensor cross_entropy_index_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                        double label_smoothing, int64_t reduction) {
-  return CrossEntropyIndexFunction::apply(logits, target, weight, ignore_index, label_smoothing, reduction);
+                                        const std::optional<at::Tensor>& weight,
+                                        int64_t ignore_index, double label_smoothing,
+                                        int64_t reduction) {
+  return CrossEntropyIndexFunction::apply(logits, target, weight, ignore_index, label_smoothing,
+                                          reduction);
 }
 
 // Below autograd (no_grad is not enough to get here: inference_mode, or tracing below the autograd
@@ -140,7 +153,8 @@ at::Tensor cross_entropy_index_autograd(const at::Tensor& logits, const at::Tens
 at::Tensor cross_entropy_index_plain(const at::Tensor& logits, const at::Tensor& target,
                                      const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                      double label_smoothing, int64_t reduction) {
-  return forward_impl(logits, target, weight.value_or(at::Tensor()), ignore_index, label_smoothing, reduction)
+  return forward_impl(logits, target, weight.value_or(at::Tensor()), ignore_index, label_smoothing,
+                      reduction)
       .loss;
 }
 

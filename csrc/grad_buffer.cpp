@@ -43,7 +43,8 @@ void advise_huge_pages(const at::Tensor& t) {
 at::Tensor reusable_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const int64_t nbytes =
+      numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (!enabled() || nbytes < kMinBytes || options.device().type() != c10::DeviceType::CPU) {
     return at::empty(sizes, options);
   }

@@ -2,9 +2,10 @@
 //
 // A fresh multi-GB tensor costs more in first-touch page faults than the whole kernel (measured
 // here: 1 GB takes ~0.9 s to fault in, ~0.11 s to write once mapped), because glibc returns large
-// blocks to the OS on free. Like a caching allocator, we keep the last two large buffers and hand one
-// out again only when nobody else holds it (tensor and storage use counts of one), so the reuse is
-// invisible to callers. SOFTMAX_EXT_REUSE_BUFFERS=0 turns it off; softmax_ext.empty_cache() frees it.
+// blocks to the OS on free. Like a caching allocator, we keep the last two large buffers and hand
+// one out again only when nobody else holds it (tensor and storage use counts of one), so the reuse
+// is invisible to callers. SOFTMAX_EXT_REUSE_BUFFERS=0 turns it off; softmax_ext.empty_cache()
+// frees it.
 #pragma once
 
 #include <ATen/ATen.h>

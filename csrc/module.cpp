@@ -6,5 +6,6 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "softmax_ext CPU kernels (registered with torch.library on import)";
-  m.def("empty_cache", &sme::empty_cache, "Free the cached CPU gradient buffer; returns the bytes freed");
+  m.def("empty_cache", &sme::empty_cache,
+        "Free the cached CPU gradient buffer; returns the bytes freed");
 }

@@ -42,7 +42,8 @@ SME_INLINE const void* next_chunk(const T* xr, int64_t c0, int64_t n, int64_t C,
 // exp-sum pass from L1. The partial last vector is loaded once and kept in a register for both.
 // The max pass waits on memory and the exp pass on arithmetic; so that the two overlap, the exp
 // pass prefetches `next` (the raw data read after this chunk, or nullptr), a line per 16 values.
-SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s, const void* next = nullptr) {
+SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s,
+                          const void* next = nullptr) {
   const int64_t full = n & ~int64_t(kLanes - 1);
   const vf tail = full < n ? load_part(x + full, n - full, -kInf) : splat(-kInf);
   vf m0 = tail, m1 = splat(-kInf);
@@ -132,7 +133,10 @@ SME_INLINE void ce_index_grad(const float* x, const float* w, int64_t n, float h
   for (; i + kLanes <= n; i += kLanes) {
     const vf p = vexp_shifted((loadu(x + i) - vh) - vl);
     const vf r = va * p - (w ? vg * loadu(w + i) : vg);
-    if (stream) stream_store(out + i, r); else storeu(out + i, r);
+    if (stream)
+      stream_store(out + i, r);
+    else
+      storeu(out + i, r);
   }
   if (i < n) {
     const int64_t k = n - i;

@@ -112,13 +112,13 @@ SME_INLINE vf vexp_nonpos(vf d) {
   return exp2_clamped(y < -126.0f ? splat(-126.0f) : y);
 }
 
-// ln(x) in float, about 1 ulp, for normal x > 0 (sums of exponentials shifted by their max are >= 1),
-// 0 (-> -inf), +inf and NaN: Cephes' logf, x = f * 2^e with f in [sqrt(1/2), sqrt(2)).
+// ln(x) in float, about 1 ulp, for normal x > 0 (sums of exponentials shifted by their max are >=
+// 1), 0 (-> -inf), +inf and NaN: Cephes' logf, x = f * 2^e with f in [sqrt(1/2), sqrt(2)).
 SME_INLINE vf vlog(vf x) {
   const vi bits = (vi)x;
   vi e = ((bits >> 23) & 0xff) - 126;
   vf f = (vf)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const vi below = f < 0.707106781186547524f;       // lanes of -1 (true) or 0
+  const vi below = f < 0.707106781186547524f;     // lanes of -1 (true) or 0
   e += below;
   f = f - 1.0f + (vf)((vi)f & below);  // 2f - 1 where below, f - 1 elsewhere
   const vf fe = __builtin_convertvector(e, vf);
@@ -139,10 +139,10 @@ SME_INLINE vf vlog(vf x) {
   return x != x ? x : r;
 }
 
-
-// Store 16 floats to a 16-byte aligned p bypassing the caches (movntps), for outputs far larger than
-// the last-level cache: a normal store first reads every line it writes (read-for-ownership), which
-// turns a 1 GB gradient write into 2 GB of traffic. Call stream_fence() before the data is used.
+// Store 16 floats to a 16-byte aligned p bypassing the caches (movntps), for outputs far larger
+// than the last-level cache: a normal store first reads every line it writes (read-for-ownership),
+// which turns a 1 GB gradient write into 2 GB of traffic. Call stream_fence() before the data is
+// used.
 typedef float v4f __attribute__((vector_size(16)));
 SME_INLINE void stream_store(float* p, vf v) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

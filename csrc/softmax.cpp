@@ -91,7 +91,10 @@ SME_INLINE vf load_lanes(const T* p, int64_t k) {
 template <typename T>
 SME_INLINE void store_lanes(T* p, vf v, int64_t k) {
   if constexpr (std::is_same_v<T, float>) {
-    if (k == kLanes) storeu(p, v); else store_part(p, v, k);
+    if (k == kLanes)
+      storeu(p, v);
+    else
+      store_part(p, v, k);
   } else {
     alignas(64) float tmp[kLanes];
     storeu(tmp, v);
@@ -103,7 +106,8 @@ template <typename T>
 SME_INLINE void softmax_fwd_tiles(const SoftmaxFwdArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C, inner = a.inner, tiles = (inner + kLanes - 1) / kLanes;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes, k = std::min<int64_t>(kLanes, inner - j0);
+    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes,
+                  k = std::min<int64_t>(kLanes, inner - j0);
     const T* x = static_cast<const T*>(a.x) + o * C * inner + j0;
     T* y = static_cast<T*>(a.y) + o * C * inner + j0;
     if constexpr (std::is_same_v<T, double>) {
@@ -136,7 +140,8 @@ template <typename T>
 SME_INLINE void softmax_bwd_tiles(const SoftmaxBwdArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C, inner = a.inner, tiles = (inner + kLanes - 1) / kLanes;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes, k = std::min<int64_t>(kLanes, inner - j0);
+    const int64_t o = task / tiles, j0 = (task % tiles) * kLanes,
+                  k = std::min<int64_t>(kLanes, inner - j0);
     const int64_t base = o * C * inner + j0;
     const T* g = static_cast<const T*>(a.g) + base;
     const T* y = static_cast<const T*>(a.y) + base;
@@ -144,7 +149,8 @@ SME_INLINE void softmax_bwd_tiles(const SoftmaxBwdArgs& a, int64_t begin, int64_
     if constexpr (std::is_same_v<T, double>) {
       for (int64_t l = 0; l < k; ++l) {
         double s = 0;
-        for (int64_t c = 0; c < C; ++c) s += a.log ? g[c * inner + l] : g[c * inner + l] * y[c * inner + l];
+        for (int64_t c = 0; c < C; ++c)
+          s += a.log ? g[c * inner + l] : g[c * inner + l] * y[c * inner + l];
         for (int64_t c = 0; c < C; ++c) {
           const double gv = g[c * inner + l], yv = y[c * inner + l];
           gx[c * inner + l] = a.log ? gv - std::exp(yv) * s : yv * (gv - s);
@@ -200,7 +206,8 @@ at::Tensor softmax_fwd(const at::Tensor& input, int64_t dim, bool log) {
   return y;
 }
 
-at::Tensor softmax_bwd(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim, bool log) {
+at::Tensor softmax_bwd(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                       bool log) {
   check_floating(output, "softmax_bwd");
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "softmax_ext::softmax_bwd: grad_output ",
               grad_output.sizes(), " and output ", output.sizes(), " differ in shape");
@@ -209,7 +216,8 @@ at::Tensor softmax_bwd(const at::Tensor& grad_output, const at::Tensor& output, 
   at::Tensor gx = reusable_empty(y.sizes(), y.options());
   const Shape3 s = shape3(y, dim);
   if (y.numel() == 0) return gx;
-  const SoftmaxBwdArgs a{g.const_data_ptr(), y.const_data_ptr(), gx.mutable_data_ptr(), s.C, s.inner, log};
+  const SoftmaxBwdArgs a{
+      g.const_data_ptr(), y.const_data_ptr(), gx.mutable_data_ptr(), s.C, s.inner, log};
   if (s.inner == 1) {
     softmax_bwd_rows_run(y.scalar_type(), a, s.outer, grain_for(s.C));
   } else {

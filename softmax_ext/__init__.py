@@ -3,6 +3,7 @@
 C++ kernels serve CPU tensors, Triton kernels CUDA tensors; both sit behind torch.library operators
 wrapped in autograd Functions. The public API mirrors PyTorch's names and signatures.
 """
+
 from . import _cpp
 from . import ops as _ops  # noqa: F401  (defines the torch.library operators)
 from .functional import cross_entropy, log_softmax, softmax
@@ -14,5 +15,13 @@ _cpp.try_import_built()
 
 empty_cache = _cpp.empty_cache
 
-__all__ = ["empty_cache", "cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax"]
+__all__ = [
+    "empty_cache",
+    "cross_entropy",
+    "softmax",
+    "log_softmax",
+    "CrossEntropyLoss",
+    "Softmax",
+    "LogSoftmax",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Compiler and linker flags for the C++ extension, shared by setup.py and the JIT fallback."""
+
 from __future__ import annotations
 
 import sys

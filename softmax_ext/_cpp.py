@@ -4,6 +4,7 @@ setup.py builds ``softmax_ext._C`` ahead of time. Only when that module is missi
 checkout nobody built) do we JIT-compile csrc/ with torch.utils.cpp_extension.load; never both,
 since two registrations of the same torch.library kernels abort the process.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,14 @@ def _jit_build() -> None:
 
     print("softmax_ext: compiling the C++ extension (first use only)...", file=sys.stderr)
     global _module
-    _module = load(name="softmax_ext_C", sources=sources, extra_cflags=cxx_flags(),
-                   extra_ldflags=link_flags(), extra_include_paths=[str(csrc)],
-                   verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")))
+    _module = load(
+        name="softmax_ext_C",
+        sources=sources,
+        extra_cflags=cxx_flags(),
+        extra_ldflags=link_flags(),
+        extra_include_paths=[str(csrc)],
+        verbose=bool(os.environ.get("SOFTMAX_EXT_VERBOSE_BUILD")),
+    )
 
 
 def try_import_built() -> bool:

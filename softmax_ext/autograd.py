@@ -4,6 +4,7 @@ Cross-entropy forwards save only the logits (already alive in the caller's graph
 O(rows) statistics; never an N x C probability tensor. Reductions happen inside the Function, so the
 backward receives one scalar and hands the kernels a stride-0 per-row scale.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -19,7 +20,9 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tenso
     return total if reduction == "sum" else total / denom
 
 
-def _row_scale(grad: Tensor, reduction: str, rows: int, denom: Optional[Tensor], coef: float) -> Tensor:
+def _row_scale(
+    grad: Tensor, reduction: str, rows: int, denom: Optional[Tensor], coef: float
+) -> Tensor:
     """Per-row d loss / d row-loss: grad itself ('none') or a stride-0 expansion of a scalar.
 
     Written to launch as few tensor ops as possible: at the Fashion-MNIST batch size (256 x 10)
@@ -44,8 +47,10 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor):
-        raise RuntimeError("softmax_ext: softmax and cross_entropy have no second derivative "
-                           "(double backward); use backend='torch' where one is needed")
+        raise RuntimeError(
+            "softmax_ext: softmax and cross_entropy have no second derivative "
+            "(double backward); use backend='torch' where one is needed"
+        )
 
 
 def _first_order_only(backward):
@@ -58,8 +63,9 @@ def _first_order_only(backward):
         if not create_graph:
             return out
         like = ctx.saved_tensors[0]
-        return tuple(_NoSecondDerivative.apply(g, like) if isinstance(g, Tensor) else g
-                     for g in out)
+        return tuple(
+            _NoSecondDerivative.apply(g, like) if isinstance(g, Tensor) else g for g in out
+        )
 
     return wrapped
 
@@ -68,13 +74,24 @@ class CrossEntropyIndex(torch.autograd.Function):
     """Cross-entropy of (rows, C) logits against int64 class indices, reduced as asked."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                ignore_index: int, label_smoothing: float, reduction: str, kernels: Any) -> Tensor:
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+        kernels: Any,
+    ) -> Tensor:
         with_smooth = label_smoothing > 0.0
         nll, smooth, lse = kernels.ce_index_fwd(logits, target, weight, ignore_index, with_smooth)
         n_classes = logits.shape[1]
-        rows = (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth \
-            if with_smooth else nll
+        rows = (
+            (1.0 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
+            if with_smooth
+            else nll
+        )
         denom = None
         if reduction == "mean":
             valid = target != ignore_index
@@ -96,10 +113,12 @@ class CrossEntropyIndex(torch.autograd.Function):
         n_rows, n_classes = logits.shape
         with_smooth = eps > 0.0
         g_nll = _row_scale(grad, reduction, n_rows, denom, 1.0 - eps)
-        g_smooth = _row_scale(grad, reduction, n_rows, denom, eps / n_classes) \
-            if with_smooth else g_nll
-        grad_logits = kernels.ce_index_bwd(g_nll, g_smooth, logits, target, weight, lse,
-                                           ignore_index, with_smooth)
+        g_smooth = (
+            _row_scale(grad, reduction, n_rows, denom, eps / n_classes) if with_smooth else g_nll
+        )
+        grad_logits = kernels.ce_index_bwd(
+            g_nll, g_smooth, logits, target, weight, lse, ignore_index, with_smooth
+        )
         return grad_logits, None, None, None, None, None, None
 
 
@@ -107,12 +126,22 @@ class CrossEntropySoft(torch.autograd.Function):
     """Cross-entropy of (rows, C) logits against (rows, C) class probabilities."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                label_smoothing: float, reduction: str, kernels: Any) -> Tensor:
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        label_smoothing: float,
+        reduction: str,
+        kernels: Any,
+    ) -> Tensor:
         loss, lse, tsum = kernels.ce_soft_fwd(logits, target, weight, label_smoothing)
         # PyTorch divides a soft-target mean by the number of rows, weighted or not.
-        denom = logits.new_tensor(float(logits.shape[0]), dtype=loss.dtype) \
-            if reduction == "mean" else None
+        denom = (
+            logits.new_tensor(float(logits.shape[0]), dtype=loss.dtype)
+            if reduction == "mean"
+            else None
+        )
         ctx.save_for_backward(logits, target, weight, lse, tsum, denom)
         ctx.meta = (label_smoothing, reduction, kernels)
         return _reduce(loss, reduction, denom)

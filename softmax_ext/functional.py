@@ -4,6 +4,7 @@ This layer checks arguments (raising the exceptions PyTorch raises), normalises 
 views the kernels take, applies the reduction with PyTorch's exact denominators, and picks the
 backend. Kernels never see user options they do not need.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,9 +64,16 @@ def _index_target_checks(input: Tensor, target: Tensor) -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {
-        torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
-        torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-        torch.bfloat16: "BFloat16", torch.long: "Long", torch.uint8: "Byte",
+        torch.int32: "Int",
+        torch.int16: "Short",
+        torch.int8: "Char",
+        torch.bool: "Bool",
+        torch.float32: "Float",
+        torch.float64: "Double",
+        torch.float16: "Half",
+        torch.bfloat16: "BFloat16",
+        torch.long: "Long",
+        torch.uint8: "Byte",
     }.get(dtype, str(dtype))
 
 
@@ -112,8 +120,9 @@ def cross_entropy(
     """
     _check_backend(backend)
     if backend == "torch":
-        return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
-                               label_smoothing)
+        return F.cross_entropy(
+            input, target, weight, None, ignore_index, None, reduction, label_smoothing
+        )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -177,8 +186,14 @@ def cross_entropy(
             target = target.reshape(-1).long()
         fused = getattr(kernels, "cross_entropy_index", None)
         if fused is not None:  # one C++ autograd node (cheaper than a Python Function)
-            loss = fused(logits, target, w, int(ignore_index), float(label_smoothing),
-                         _REDUCTION_ENUM[reduction])
+            loss = fused(
+                logits,
+                target,
+                w,
+                int(ignore_index),
+                float(label_smoothing),
+                _REDUCTION_ENUM[reduction],
+            )
         else:
             loss = _ag.CrossEntropyIndex.apply(
                 logits, target, w, int(ignore_index), float(label_smoothing), reduction, kernels
@@ -217,8 +232,9 @@ def _softmax_common(
         )
     dim = dim % ndim
     if input.dim() == 0:
-        return _ag.Softmax.apply(input.reshape(1), 0, log, kernels_for(backend, input.device)
-                                 ).reshape(())
+        return _ag.Softmax.apply(
+            input.reshape(1), 0, log, kernels_for(backend, input.device)
+        ).reshape(())
     return _ag.Softmax.apply(input, dim, log, kernels_for(backend, input.device))
 
 
@@ -229,7 +245,7 @@ def softmax(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Softmax along ``dim``, as ``torch.nn.functional.softmax`` (``dtype`` casts the input first)."""
+    """Softmax along ``dim``, as ``torch.nn.functional.softmax`` (``dtype`` casts the input)."""
     return _softmax_common(input, dim, dtype, backend, log=False)
 
 

@@ -3,6 +3,7 @@
 Each subclasses its PyTorch twin, so ``isinstance`` checks, ``state_dict`` keys (``weight`` is a
 buffer), ``.to()`` and ``repr`` behave exactly as with PyTorch's module.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,14 +30,25 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         *,
         backend: str = "auto",
     ) -> None:
-        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
+        super().__init__(
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
         SF._check_backend(backend)
         self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return SF.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                                self.label_smoothing, backend=self.backend)
+        return SF.cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            backend=self.backend,
+        )
 
 
 class Softmax(torch.nn.Softmax):

@@ -14,6 +14,7 @@ All operators work on plain views prepared by :mod:`softmax_ext.functional`:
   as hi + lo and computes exp((x - hi) - lo), as exact as PyTorch's exp(log_softmax) even when the
   logits are large (near 1e4), where a float32 log-sum-exp alone would lose four digits.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -91,7 +92,9 @@ def _ce_index_fwd_fake(logits, target, weight, ignore_index, with_smooth):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ce_index_bwd")
-def _ce_index_bwd_fake(grad_nll, grad_smooth, logits, target, weight, lse, ignore_index, with_smooth):
+def _ce_index_bwd_fake(
+    grad_nll, grad_smooth, logits, target, weight, lse, ignore_index, with_smooth
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures. Parity tests take `backend` and `device`: SOFTMAX_EXT_TEST_BACKENDS (comma
 separated, default "cpp") picks the backends; `make test-triton` sets it to "triton" under
 TRITON_INTERPRET=1, so the same tests check the Triton kernels on CPU tensors."""
+
 from __future__ import annotations
 
 import os

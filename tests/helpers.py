@@ -1,4 +1,5 @@
 """Comparison helpers: float64 references and 'no worse than PyTorch' checks for low precision."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness (benchmarks/): a tiny sweep into a temporary folder, the
 schema of results.json, and the pieces that need no timing (bytes model, targets, report)."""
+
 from __future__ import annotations
 
 import json
@@ -19,19 +20,52 @@ from benchmarks.config import parse_shapes  # noqa: E402
 from benchmarks.trainer_bench import command  # noqa: E402
 
 SHAPES = [(64, 10), (32, 300)]
-RECORD_FIELDS = {"op": str, "direction": str, "impl": str, "backend": str, "rows": int,
-                 "classes": int, "dtype": str, "median_ms": float, "min_ms": float,
-                 "max_ms": float, "gbps": float, "frac_of_copy": float}
+RECORD_FIELDS = {
+    "op": str,
+    "direction": str,
+    "impl": str,
+    "backend": str,
+    "rows": int,
+    "classes": int,
+    "dtype": str,
+    "median_ms": float,
+    "min_ms": float,
+    "max_ms": float,
+    "gbps": float,
+    "frac_of_copy": float,
+}
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("bench")
     shapes = ",".join(f"{n}x{c}" for n, c in SHAPES)
-    rc = main(["--quick", "--device", "cpu", "--shapes", shapes, "--dtypes", "fp32,bf16",
-               "--reps", "2", "--impls", "softmax_ext,torch", "--copy-mib", "16",
-               "--budget", "2", "--rep-ms", "1", "--warmup-ms", "2", "--no-plots",
-               "--out", str(out)])
+    rc = main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--shapes",
+            shapes,
+            "--dtypes",
+            "fp32,bf16",
+            "--reps",
+            "2",
+            "--impls",
+            "softmax_ext,torch",
+            "--copy-mib",
+            "16",
+            "--budget",
+            "2",
+            "--rep-ms",
+            "1",
+            "--warmup-ms",
+            "2",
+            "--no-plots",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -48,11 +82,18 @@ def test_machine_fields(sweep):
 def test_every_measurement_is_recorded_with_the_schema(sweep):
     _, doc = sweep
     assert doc["errors"] == [], doc["errors"]
-    got = {(r["op"], r["direction"], r["impl"], r["rows"], r["classes"], r["dtype"])
-           for r in doc["records"]}
-    want = {(op, d, impl, n, c, dt) for op in ("softmax", "log_softmax", "cross_entropy")
-            for d in ("fwd", "bwd", "fwd+bwd") for impl in ("softmax_ext", "torch")
-            for n, c in SHAPES for dt in ("float32", "bfloat16")}
+    got = {
+        (r["op"], r["direction"], r["impl"], r["rows"], r["classes"], r["dtype"])
+        for r in doc["records"]
+    }
+    want = {
+        (op, d, impl, n, c, dt)
+        for op in ("softmax", "log_softmax", "cross_entropy")
+        for d in ("fwd", "bwd", "fwd+bwd")
+        for impl in ("softmax_ext", "torch")
+        for n, c in SHAPES
+        for dt in ("float32", "bfloat16")
+    }
     assert got == want
     for r in doc["records"]:
         for key, kind in RECORD_FIELDS.items():
@@ -102,31 +143,62 @@ def test_min_bytes_model():
 
 def test_core_targets_from_records():
     def rec(impl, shape, ms, saved=None):
-        return {"op": "cross_entropy", "direction": "fwd+bwd", "dtype": "float32",
-                "rows": shape[0], "classes": shape[1], "impl": impl, "median_ms": ms,
-                "saved_bytes": saved}
+        return {
+            "op": "cross_entropy",
+            "direction": "fwd+bwd",
+            "dtype": "float32",
+            "rows": shape[0],
+            "classes": shape[1],
+            "impl": impl,
+            "median_ms": ms,
+            "saved_bytes": saved,
+        }
 
     big, small = core.CORE_LARGE, core.CORE_SMALL
-    records = [rec("softmax_ext", big, 100.0, 8192 * 4), rec("torch", big, 1200.0),
-               rec("torch.compile", big, 250.0), rec("softmax_ext", small, 0.02),
-               rec("torch", small, 0.01)]
+    records = [
+        rec("softmax_ext", big, 100.0, 8192 * 4),
+        rec("torch", big, 1200.0),
+        rec("torch.compile", big, 250.0),
+        rec("softmax_ext", small, 0.02),
+        rec("torch", small, 0.01),
+    ]
     copy_gbps = 2 * 8192 * 32000 * 4 / 1e9 / 0.06  # floor = 60 ms
     targets = core.evaluate(records, copy_gbps)
     verdicts = {t["name"].split(" at ")[0]: t["pass"] for t in targets["items"]}
-    assert verdicts == {"speed-up vs torch eager": True, "speed-up vs torch.compile": False,
-                        "time / copy floor": True, "saved for backward per row": True,
-                        "time / torch eager time": False}
+    assert verdicts == {
+        "speed-up vs torch eager": True,
+        "speed-up vs torch.compile": False,
+        "time / copy floor": True,
+        "saved for backward per row": True,
+        "time / torch eager time": False,
+    }
     assert not targets["all_pass"]
     text = core.format_targets(targets, {"device": "cpu (x)", "threads": 2, "copy_gbps": 1.0})
     assert "FAIL" in text and "PASS" in text
 
 
 def test_trainer_section_in_markdown(tmp_path):
-    doc = {"machine": {"device": "cpu (x)"}, "date": "today", "epochs": 10,
-           "runs": [{"name": "d2l recipe", "train_seconds": 100.0, "wall_seconds": 110.0,
-                     "epochs": 10, "test_acc": 0.83},
-                    {"name": "softmax_ext.train --loss fused", "train_seconds": 10.0,
-                     "wall_seconds": 15.0, "epochs": 10, "test_acc": 0.83}]}
+    doc = {
+        "machine": {"device": "cpu (x)"},
+        "date": "today",
+        "epochs": 10,
+        "runs": [
+            {
+                "name": "d2l recipe",
+                "train_seconds": 100.0,
+                "wall_seconds": 110.0,
+                "epochs": 10,
+                "test_acc": 0.83,
+            },
+            {
+                "name": "softmax_ext.train --loss fused",
+                "train_seconds": 10.0,
+                "wall_seconds": 15.0,
+                "epochs": 10,
+                "test_acc": 0.83,
+            },
+        ],
+    }
     report.write_json(doc, tmp_path / report.TRAINER)
     md = report.write_markdown(tmp_path).read_text()
     assert "## Trainer" in md and "10.00x" in md

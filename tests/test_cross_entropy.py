@@ -1,4 +1,5 @@
 """cross_entropy against torch.nn.functional.cross_entropy: values, gradients, every option."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,9 +7,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_no_worse_than_torch, assert_same_nonfinite, max_err
 
 import softmax_ext as se
-from helpers import assert_no_worse_than_torch, assert_same_nonfinite, max_err
 
 pytestmark = pytest.mark.parity
 
@@ -54,8 +55,9 @@ def test_matches_torch_float64(layout, kind, weighted, reduction, smoothing, bac
     x = torch.randn(shape, dtype=torch.float64, device=device) * 3
     t = make_target(shape, kind, device)
     w = torch.rand(C, dtype=torch.float64, device=device) + 0.1 if weighted else None
-    ours, theirs, ga, gb = run_both(x, t, backend, weight=w, reduction=reduction,
-                                    label_smoothing=smoothing)
+    ours, theirs, ga, gb = run_both(
+        x, t, backend, weight=w, reduction=reduction, label_smoothing=smoothing
+    )
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ga, gb, rtol=1e-11, atol=1e-12)
@@ -66,7 +68,12 @@ def test_ignore_index_values(ignore_index, backend, device):
     x = torch.randn(9, C, dtype=torch.float64, device=device)
     t = torch.tensor([0, 3, 3, 1, 0, 6, 3, 2, 0], device=device)
     w = torch.rand(C, dtype=torch.float64, device=device)
-    for kw in (dict(), dict(weight=w), dict(weight=w, label_smoothing=0.2), dict(label_smoothing=0.5)):
+    for kw in (
+        dict(),
+        dict(weight=w),
+        dict(weight=w, label_smoothing=0.2),
+        dict(label_smoothing=0.5),
+    ):
         ours, theirs, ga, gb = run_both(x, t, backend, ignore_index=ignore_index, **kw)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ga, gb, rtol=1e-11, atol=1e-12)
@@ -86,8 +93,9 @@ def test_gradcheck(kind, backend, device):
     t = make_target((4, 5, 3), kind, device)
     w = torch.rand(5, dtype=torch.float64, device=device) + 0.5
     for reduction in ("none", "mean", "sum"):
-        fn = lambda x: se.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.15,
-                                        backend=backend)
+        fn = lambda x, reduction=reduction: se.cross_entropy(
+            x, t, weight=w, reduction=reduction, label_smoothing=0.15, backend=backend
+        )
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8)
 
 
@@ -113,8 +121,9 @@ def test_low_precision_no_worse_than_torch(dtype, kind, smoothing, backend, devi
     ref_kw = dict(weight=w.double(), label_smoothing=smoothing)
     t64 = t.double() if kind == "soft" else t
     for reduction in ("none", "mean"):
-        ours, theirs, ga, gb = run_both(x, t, backend, weight=w, reduction=reduction,
-                                        label_smoothing=smoothing)
+        ours, theirs, ga, gb = run_both(
+            x, t, backend, weight=w, reduction=reduction, label_smoothing=smoothing
+        )
         ref, _, gref, _ = run_both(x.double(), t64, "torch", reduction=reduction, **ref_kw)
         eps = torch.finfo(dtype).eps
         assert ours.dtype == dtype
@@ -124,9 +133,9 @@ def test_low_precision_no_worse_than_torch(dtype, kind, smoothing, backend, devi
 
 def hostile_logits(device, dtype=torch.float64):
     rows = [
-        [1e4, -1e4, 1e4 - 1, 0.0, -5.0, 3.0, 1e4 - 3],      # huge values
+        [1e4, -1e4, 1e4 - 1, 0.0, -5.0, 3.0, 1e4 - 3],  # huge values
         [0.0, float("-inf"), 1.0, float("-inf"), 2.0, 0.5, -1.0],  # -inf entries
-        [2.5] * C,                                          # all equal
+        [2.5] * C,  # all equal
         [1000.0 + v for v in (0.1, -0.3, 0.7, 0.0, 1.2, -2.0, 0.4)],  # shifted by +1000
         [-1e4, -1e4 + 2, -1e4 + 1, -1e4, -1e4 - 5, -1e4, -1e4 + 0.5],  # large negative
     ]
@@ -139,8 +148,9 @@ def test_hostile_values_float64(smoothing, weighted, backend, device):
     x = hostile_logits(device)
     t = torch.tensor([0, 2, 4, 5, 1], device=device)
     w = torch.rand(C, dtype=torch.float64, device=device) + 0.1 if weighted else None
-    ours, theirs, ga, gb = run_both(x, t, backend, weight=w, reduction="none",
-                                    label_smoothing=smoothing)
+    ours, theirs, ga, gb = run_both(
+        x, t, backend, weight=w, reduction="none", label_smoothing=smoothing
+    )
     assert_same_nonfinite(ours, theirs)
     assert max_err(ours, theirs) < 1e-9
     assert max_err(ga, gb) < 1e-12
@@ -175,11 +185,15 @@ def test_inf_and_nan_rows_match_torch(backend, device):
 def test_all_ignored_and_empty(backend, device):
     x = torch.randn(4, C, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.full((4,), -100, device=device)
-    for kw in (dict(), dict(label_smoothing=0.1), dict(weight=torch.ones(C, dtype=torch.float64, device=device))):
+    for kw in (
+        dict(),
+        dict(label_smoothing=0.1),
+        dict(weight=torch.ones(C, dtype=torch.float64, device=device)),
+    ):
         loss = se.cross_entropy(x, t, backend=backend, **kw)
         assert loss.isnan()
         assert se.cross_entropy(x, t, reduction="sum", backend=backend, **kw).item() == 0.0
-    g, = torch.autograd.grad(se.cross_entropy(x, t, reduction="sum", backend=backend), x)
+    (g,) = torch.autograd.grad(se.cross_entropy(x, t, reduction="sum", backend=backend), x)
     assert torch.count_nonzero(g) == 0
     empty = torch.randn(0, C, dtype=torch.float64, device=device, requires_grad=True)
     te = torch.zeros(0, dtype=torch.long, device=device)
@@ -188,8 +202,9 @@ def test_all_ignored_and_empty(backend, device):
     loss = se.cross_entropy(empty, te, reduction="sum", backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and empty.grad.shape == (0, C)
-    assert se.cross_entropy(empty, torch.zeros(0, C, dtype=torch.float64, device=device),
-                            backend=backend).isnan()
+    assert se.cross_entropy(
+        empty, torch.zeros(0, C, dtype=torch.float64, device=device), backend=backend
+    ).isnan()
 
 
 def test_one_class(backend, device):
@@ -203,7 +218,7 @@ def test_one_class(backend, device):
 def test_non_contiguous_inputs_and_target_slices(backend, device):
     wide = torch.randn(6, 2 * C + 3, dtype=torch.float64, device=device)
     cases = {
-        "column slice": wide[:, 1:C + 1],
+        "column slice": wide[:, 1 : C + 1],
         "transposed": torch.randn(C, 6, dtype=torch.float64, device=device).t(),
         "row step": torch.randn(12, C, dtype=torch.float64, device=device)[::2],
     }
@@ -220,7 +235,9 @@ def test_non_contiguous_inputs_and_target_slices(backend, device):
 
 
 def test_channels_last_spatial(backend, device):
-    x = torch.randn(2, C, 3, 4, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, C, 3, 4, dtype=torch.float64, device=device).to(
+        memory_format=torch.channels_last
+    )
     t = torch.randint(0, C, (2, 3, 4), device=device)
     ours, theirs, ga, gb = run_both(x, t, backend)
     torch.testing.assert_close(ours, theirs)
@@ -231,11 +248,13 @@ def test_channels_last_spatial(backend, device):
 # transposed blocks, longer rows through chunks. The float64 tests above reach neither.
 @pytest.mark.parametrize("n_classes", [1, 10, 32, 33, 301])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)])
+@pytest.mark.parametrize(
+    "weighted,smoothing", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)]
+)
 def test_float_paths_every_option(n_classes, dtype, weighted, smoothing, backend, device):
     rows = 45  # two full blocks of 16 and a partial one of 13
     wide = torch.randn(rows, n_classes + 5, dtype=torch.float64, device=device) * 4
-    x64 = wide[:, 2:2 + n_classes]  # a row stride that is not the class count
+    x64 = wide[:, 2 : 2 + n_classes]  # a row stride that is not the class count
     x = x64.to(dtype)
     t = torch.randint(0, n_classes, (rows,), device=device)
     t[[3, 17, 44]] = -100  # ignored rows inside full and partial blocks
@@ -244,8 +263,9 @@ def test_float_paths_every_option(n_classes, dtype, weighted, smoothing, backend
     for reduction in ("none", "mean", "sum"):
         kw = dict(reduction=reduction, label_smoothing=smoothing)
         ours, theirs, ga, gb = run_both(x, t, backend, weight=w, **kw)
-        ref, _, gref, _ = run_both(x.double(), t, "torch",
-                                   weight=None if w is None else w.double(), **kw)
+        ref, _, gref, _ = run_both(
+            x.double(), t, "torch", weight=None if w is None else w.double(), **kw
+        )
         assert ours.dtype == dtype
         assert_no_worse_than_torch(ours, theirs, ref, atol=4 * eps * float(ref.abs().max()))
         # scale of the per-row upstream gradient: with one class every gradient is a rounding
@@ -262,11 +282,11 @@ def test_float32_hostile_and_nonfinite_rows(n_classes, backend, device):
     x[0, 2] = float("inf")
     x[1, 3] = float("nan")
     x[2, :] = float("-inf")
-    x[3, :] = 2.5                                   # all equal
-    x[4, :] += 1000.0                               # shifted
-    x[5, :2] = torch.tensor([1e4, -1e4])            # huge
-    x[6, 1] = float("-inf")                         # the true class at -inf
-    x[7, :] = float("-inf")                         # ignored: a zero gradient even so
+    x[3, :] = 2.5  # all equal
+    x[4, :] += 1000.0  # shifted
+    x[5, :2] = torch.tensor([1e4, -1e4])  # huge
+    x[6, 1] = float("-inf")  # the true class at -inf
+    x[7, :] = float("-inf")  # ignored: a zero gradient even so
     t = torch.randint(0, n_classes, (20,), device=device)
     t[6], t[7] = 1, -100
     for smoothing in (0.0, 0.1):
@@ -277,8 +297,9 @@ def test_float32_hostile_and_nonfinite_rows(n_classes, backend, device):
         assert torch.all(ga[7] == 0)
         ga[7], gb[7] = 0.0, 0.0
         assert_same_nonfinite(ga, gb)
-        ref, _, gref, _ = run_both(x.double(), t, "torch", reduction="none",
-                                   label_smoothing=smoothing)
+        ref, _, gref, _ = run_both(
+            x.double(), t, "torch", reduction="none", label_smoothing=smoothing
+        )
         finite = ref.isfinite()
         eps = torch.finfo(torch.float32).eps
         assert_no_worse_than_torch(ours[finite], theirs[finite], ref[finite], atol=8 * eps * 1e4)

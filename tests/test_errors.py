@@ -1,4 +1,5 @@
 """Bad input raises the exception type PyTorch raises, with a message that names the problem."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,17 +19,49 @@ CASES = {
     "int32 target": (lambda d: (X(d), T(d, 0, 1, 2, 3).int()), {}, "Long or Byte"),
     "float index target": (lambda d: (X(d), T(d, 0.0, 1.0, 2.0, 3.0)), {}, "Long or Byte"),
     "bool target": (lambda d: (X(d), T(d, 0, 1, 1, 0).bool()), {}, "Long or Byte"),
-    "long target of input's shape": (lambda d: (X(d), torch.zeros(4, 5, dtype=torch.long, device=d)), {}, "floating point"),
+    "long target of input's shape": (
+        lambda d: (X(d), torch.zeros(4, 5, dtype=torch.long, device=d)),
+        {},
+        "floating point",
+    ),
     "multi-target": (lambda d: (X(d), torch.zeros(4, 6, device=d)), {}, "multi-target"),
     "batch mismatch": (lambda d: (X(d), T(d, 0, 1, 2)), {}, "batch_size"),
-    "spatial mismatch": (lambda d: (torch.randn(2, 5, 3, device=d), torch.zeros(2, 4, dtype=torch.long, device=d)), {}, "target size"),
-    "weight size": (lambda d: (X(d), T(d, 0, 1, 2, 3)), {"weight": lambda d: torch.ones(3, device=d)}, "weight"),
-    "weight 2-d": (lambda d: (X(d), T(d, 0, 1, 2, 3)), {"weight": lambda d: torch.ones(5, 1, device=d)}, "weight"),
-    "weight dtype": (lambda d: (X(d), T(d, 0, 1, 2, 3)), {"weight": lambda d: torch.ones(5, dtype=torch.float64, device=d)}, "Double"),
-    "ignore_index with soft targets": (lambda d: (X(d), torch.rand(4, 5, device=d)), {"ignore_index": 1}, "ignore_index"),
-    "label_smoothing > 1": (lambda d: (X(d), T(d, 0, 1, 2, 3)), {"label_smoothing": 1.5}, "label_smoothing"),
+    "spatial mismatch": (
+        lambda d: (torch.randn(2, 5, 3, device=d), torch.zeros(2, 4, dtype=torch.long, device=d)),
+        {},
+        "target size",
+    ),
+    "weight size": (
+        lambda d: (X(d), T(d, 0, 1, 2, 3)),
+        {"weight": lambda d: torch.ones(3, device=d)},
+        "weight",
+    ),
+    "weight 2-d": (
+        lambda d: (X(d), T(d, 0, 1, 2, 3)),
+        {"weight": lambda d: torch.ones(5, 1, device=d)},
+        "weight",
+    ),
+    "weight dtype": (
+        lambda d: (X(d), T(d, 0, 1, 2, 3)),
+        {"weight": lambda d: torch.ones(5, dtype=torch.float64, device=d)},
+        "Double",
+    ),
+    "ignore_index with soft targets": (
+        lambda d: (X(d), torch.rand(4, 5, device=d)),
+        {"ignore_index": 1},
+        "ignore_index",
+    ),
+    "label_smoothing > 1": (
+        lambda d: (X(d), T(d, 0, 1, 2, 3)),
+        {"label_smoothing": 1.5},
+        "label_smoothing",
+    ),
     "unknown reduction": (lambda d: (X(d), T(d, 0, 1, 2, 3)), {"reduction": "avg"}, "reduction"),
-    "integer logits": (lambda d: (torch.ones(4, 5, dtype=torch.long, device=d), T(d, 0, 1, 2, 3)), {}, "floating point"),
+    "integer logits": (
+        lambda d: (torch.ones(4, 5, dtype=torch.long, device=d), T(d, 0, 1, 2, 3)),
+        {},
+        "floating point",
+    ),
 }
 
 
@@ -64,8 +97,11 @@ def test_out_of_range_target_in_one_of_many_rows(backend, device):
 @pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
 def test_bad_softmax_input_raises_like_torch(fn, backend, device):
     ours, theirs = getattr(se, fn), getattr(F, fn)
-    for args in ((torch.ones(3, 4, device=device), 2), (torch.ones(3, 4, device=device), -3),
-                 (torch.ones(3, dtype=torch.long, device=device), 0)):
+    for args in (
+        (torch.ones(3, 4, device=device), 2),
+        (torch.ones(3, 4, device=device), -3),
+        (torch.ones(3, dtype=torch.long, device=device), 0),
+    ):
         with pytest.raises(Exception) as want:
             theirs(*args)
         with pytest.raises(want.type):

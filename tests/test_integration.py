@@ -1,5 +1,6 @@
 """The C++ backend as users meet it: torch.library opcheck, torch.compile, the module as a drop-in,
 memory kept for backward, long rows (several chunks) and multithreading."""
+
 from __future__ import annotations
 
 import copy
@@ -97,7 +98,10 @@ def test_training_loop_ends_with_same_parameters():
     base = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     data = [(torch.randn(32, 12), torch.randint(0, 4, (32,))) for _ in range(20)]
     results = []
-    for loss_fn in (torch.nn.CrossEntropyLoss(label_smoothing=0.1), se.CrossEntropyLoss(label_smoothing=0.1)):
+    for loss_fn in (
+        torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+        se.CrossEntropyLoss(label_smoothing=0.1),
+    ):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for x, t in data:
@@ -145,14 +149,21 @@ def test_long_rows_span_several_chunks(dtype):
     for kw in (dict(), dict(weight=w, label_smoothing=0.2)):
         xa, xb = x.detach().clone().requires_grad_(), x.detach().double().requires_grad_()
         a = se.cross_entropy(xa, t, reduction="none", **kw)
-        b = F.cross_entropy(xb, t, reduction="none", **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+        b = F.cross_entropy(
+            xb,
+            t,
+            reduction="none",
+            **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()},
+        )
         a.sum().backward()
         b.sum().backward()
         tol = 1e-10 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 5e-2)
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
         torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=tol, atol=tol)
     y = se.softmax(x, 1)
-    torch.testing.assert_close(y.double(), x.double().softmax(1), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        y.double(), x.double().softmax(1), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6
+    )
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -172,6 +183,7 @@ def test_results_do_not_depend_on_thread_count():
 def test_backend_errors():
     with pytest.raises(RuntimeError, match="CPU tensors only|cpp"):
         from softmax_ext.ops import kernels_for
+
         kernels_for("cpp", torch.device("cuda"))
 
 

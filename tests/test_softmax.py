@@ -1,12 +1,13 @@
 """softmax / log_softmax against PyTorch: any dim, dtype=, gradients, hostile values, layouts."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_no_worse_than_torch, assert_same_nonfinite
 
 import softmax_ext as se
-from helpers import assert_no_worse_than_torch, assert_same_nonfinite
 
 pytestmark = pytest.mark.parity
 
@@ -24,9 +25,20 @@ def run_both(fn, x, dim, backend, **kw):
 
 
 @pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("shape,dim", [((7,), 0), ((5, 9), 1), ((5, 9), 0), ((5, 9), -1),
-                                       ((3, 6, 4), 1), ((3, 6, 4), -3), ((2, 3, 17, 5), 2),
-                                       ((2, 3, 4, 5), 3), ((4, 33, 20), 1)])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [
+        ((7,), 0),
+        ((5, 9), 1),
+        ((5, 9), 0),
+        ((5, 9), -1),
+        ((3, 6, 4), 1),
+        ((3, 6, 4), -3),
+        ((2, 3, 17, 5), 2),
+        ((2, 3, 4, 5), 3),
+        ((4, 33, 20), 1),
+    ],
+)
 def test_matches_torch_float64(fn, shape, dim, backend, device):
     x = torch.randn(shape, dtype=torch.float64, device=device) * 3
     ours, theirs, ga, gb = run_both(fn, x, dim, backend)
@@ -38,7 +50,9 @@ def test_matches_torch_float64(fn, shape, dim, backend, device):
 def test_gradcheck(fn, backend, device):
     for shape, dim in (((4, 6), 1), ((3, 5, 4), 1)):
         x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x: FNS[fn][0](x, dim, backend=backend), (x,))
+        assert torch.autograd.gradcheck(
+            lambda x, dim=dim: FNS[fn][0](x, dim, backend=backend), (x,)
+        )
 
 
 @pytest.mark.parametrize("fn", FNS)
@@ -49,8 +63,10 @@ def test_dtype_argument_and_zero_dim(fn, backend, device):
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ga, gb)
     ints = torch.arange(6, device=device).reshape(2, 3)
-    torch.testing.assert_close(FNS[fn][0](ints, 1, dtype=torch.float64, backend=backend),
-                               FNS[fn][1](ints, 1, dtype=torch.float64))
+    torch.testing.assert_close(
+        FNS[fn][0](ints, 1, dtype=torch.float64, backend=backend),
+        FNS[fn][1](ints, 1, dtype=torch.float64),
+    )
     s = torch.tensor(2.0, dtype=torch.float64, device=device)
     torch.testing.assert_close(FNS[fn][0](s, 0, backend=backend), FNS[fn][1](s, 0))
 
@@ -70,15 +86,19 @@ def test_non_contiguous(fn, dim, backend, device):
 
 def hostile(device, dtype=torch.float64):
     inf = float("inf")
-    return torch.tensor([
-        [1e4, -1e4, 1e4 - 1, 0.0, 1e4 - 3],
-        [0.0, -inf, 1.0, -inf, 2.0],
-        [2.5] * 5,
-        [1000.1, 999.7, 1000.7, 1000.0, 1001.2],
-        [-inf] * 5,
-        [0.0, inf, 1.0, 2.0, 3.0],
-        [0.0, float("nan"), 1.0, 2.0, 3.0],
-    ], dtype=dtype, device=device)
+    return torch.tensor(
+        [
+            [1e4, -1e4, 1e4 - 1, 0.0, 1e4 - 3],
+            [0.0, -inf, 1.0, -inf, 2.0],
+            [2.5] * 5,
+            [1000.1, 999.7, 1000.7, 1000.0, 1001.2],
+            [-inf] * 5,
+            [0.0, inf, 1.0, 2.0, 3.0],
+            [0.0, float("nan"), 1.0, 2.0, 3.0],
+        ],
+        dtype=dtype,
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("fn", FNS)
@@ -92,7 +112,11 @@ def test_hostile_values(fn, dim, backend, device):
     torch.testing.assert_close(ours, theirs, equal_nan=True)
     for dtype in (torch.float32, torch.bfloat16):
         xl = x.to(dtype)
-        ours, theirs, ref = FNS[fn][0](xl, dim, backend=backend), FNS[fn][1](xl, dim), FNS[fn][1](xl.double(), dim)
+        ours, theirs, ref = (
+            FNS[fn][0](xl, dim, backend=backend),
+            FNS[fn][1](xl, dim),
+            FNS[fn][1](xl.double(), dim),
+        )
         assert_same_nonfinite(ours.float(), theirs.float())
         assert_no_worse_than_torch(ours, theirs, ref, atol=2 * torch.finfo(dtype).eps)
 
@@ -113,8 +137,10 @@ def test_low_precision_no_worse_than_torch(fn, dtype, dim, backend, device):
 
 def test_modules(backend, device):
     x = torch.randn(3, 4, 5, device=device)
-    for ours, theirs in ((se.Softmax(1, backend=backend), torch.nn.Softmax(1)),
-                         (se.LogSoftmax(-1, backend=backend), torch.nn.LogSoftmax(-1))):
+    for ours, theirs in (
+        (se.Softmax(1, backend=backend), torch.nn.Softmax(1)),
+        (se.LogSoftmax(-1, backend=backend), torch.nn.LogSoftmax(-1)),
+    ):
         assert isinstance(ours, type(theirs))
         torch.testing.assert_close(ours(x), theirs(x))
 
@@ -125,9 +151,11 @@ def test_half_outputs_are_correctly_rounded(dtype, backend, device):
     to the half type except where float32's own error straddles a half-way point (a few in 10^4),
     and at least as often as PyTorch (whose fp16 log_softmax is off by an ulp in ~5% of outputs)."""
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter casts float32 to bfloat16 by truncation (52% of random "
-                    "values equal the round-to-nearest-even cast, fp_downcast_rounding='rtne' or "
-                    "not); compiled kernels on a GPU round to nearest even")
+        pytest.skip(
+            "Triton's interpreter casts float32 to bfloat16 by truncation (52% of random "
+            "values equal the round-to-nearest-even cast, fp_downcast_rounding='rtne' or "
+            "not); compiled kernels on a GPU round to nearest even"
+        )
     x = (torch.randn(64, 300, device=device) * 4).to(dtype)  # softmax: many subnormal halves
     for fn in ("softmax", "log_softmax"):
         ours_fn, torch_fn = FNS[fn]

@@ -4,6 +4,7 @@ Covers finding and verifying the data, the errors for corrupt or missing data, a
 every output file, exact resumption (after a finished epoch and after Ctrl-C mid-epoch), and the
 fused loss training to the same parameters as PyTorch's.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,7 +34,7 @@ def _images_and_labels(n: int, seed: int) -> tuple:
     rng.shuffle(labels)
     images = rng.integers(0, 90, size=(n, 28, 28), dtype=np.uint8)
     for i, c in enumerate(labels):
-        images[i, 2 * c + 2:2 * c + 6, 4:24] = 230
+        images[i, 2 * c + 2 : 2 * c + 6, 4:24] = 230
     return images, labels
 
 
@@ -81,8 +82,19 @@ def source(tmp_path) -> Path:
 
 
 def run(tmp_path: Path, source: Path, out: str, *extra: str) -> int:
-    return T.main(["--data-dir", str(source), "--out", str(tmp_path / out), "--batch-size", "32",
-                   "--device", "cpu", *extra])
+    return T.main(
+        [
+            "--data-dir",
+            str(source),
+            "--out",
+            str(tmp_path / out),
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def final_params(out: Path) -> dict:
@@ -119,8 +131,7 @@ def test_data_dir_comes_before_env(tmp_path, source, monkeypatch):
 
 
 def test_debian_package_is_used_when_nothing_else(tmp_path, source, monkeypatch):
-    monkeypatch.setattr(D, "debian_files",
-                        lambda: {n: source / (n + ".gz") for n in D.FILE_NAMES})
+    monkeypatch.setattr(D, "debian_files", lambda: {n: source / (n + ".gz") for n in D.FILE_NAMES})
     root, origin = D.locate(tmp_path / "data", download=False)
     assert "Debian" in origin and (root / "FashionMNIST" / "raw" / D.FILE_NAMES[0]).is_file()
 
@@ -175,14 +186,17 @@ def _count_mismatch(path: Path) -> None:
     write_idx(path.parent, D.LABELS["train"], np.zeros(N_TRAIN - 1, np.uint8))
 
 
-@pytest.mark.parametrize("corrupt, file, message", [
-    (_truncate, D.IMAGES["train"], "truncated"),
-    (_flip_byte, D.IMAGES["train"], "corrupt"),
-    (_bad_label, D.LABELS["train"], "out of range"),
-    (_bad_magic, D.IMAGES["train"], "magic number"),
-    (_short_payload, D.IMAGES["train"], "header announces"),
-    (_count_mismatch, D.IMAGES["train"], "labels"),
-])
+@pytest.mark.parametrize(
+    "corrupt, file, message",
+    [
+        (_truncate, D.IMAGES["train"], "truncated"),
+        (_flip_byte, D.IMAGES["train"], "corrupt"),
+        (_bad_label, D.LABELS["train"], "out of range"),
+        (_bad_magic, D.IMAGES["train"], "magic number"),
+        (_short_payload, D.IMAGES["train"], "header announces"),
+        (_count_mismatch, D.IMAGES["train"], "labels"),
+    ],
+)
 def test_corrupt_file_is_named_in_a_clear_error(tmp_path, source, corrupt, file, message):
     corrupt(source / (file + ".gz"))
     with pytest.raises(D.DataError, match=message) as err:
@@ -215,8 +229,12 @@ def test_no_data_anywhere_names_the_three_ways(tmp_path, capsys):
     with pytest.raises(D.DataError) as err:
         D.locate(tmp_path / "empty")
     text = str(err.value)
-    assert "--data-dir" in text and D.ENV_VAR in text and "apt-get install dataset-fashion-mnist" \
-        in text and "download failed" in text
+    assert (
+        "--data-dir" in text
+        and D.ENV_VAR in text
+        and "apt-get install dataset-fashion-mnist" in text
+        and "download failed" in text
+    )
     assert T.main(["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
     assert D.ENV_VAR in capsys.readouterr().err
 
@@ -227,10 +245,18 @@ def test_no_data_anywhere_names_the_three_ways(tmp_path, capsys):
 
 def test_defaults_are_the_chapters_recipe():
     config = R.make_config(T.parse_args([]), torch.device("cpu"))
-    assert {k: config[k] for k in ("model", "loss", "epochs", "batch_size", "lr", "optimizer",
-                                   "label_smoothing")} == {
-        "model": "softmax", "loss": "fused", "epochs": 10, "batch_size": 256, "lr": 0.1,
-        "optimizer": "sgd", "label_smoothing": 0.0}
+    assert {
+        k: config[k]
+        for k in ("model", "loss", "epochs", "batch_size", "lr", "optimizer", "label_smoothing")
+    } == {
+        "model": "softmax",
+        "loss": "fused",
+        "epochs": 10,
+        "batch_size": 256,
+        "lr": 0.1,
+        "optimizer": "sgd",
+        "label_smoothing": 0.0,
+    }
 
 
 def test_two_epoch_run_writes_every_output(tmp_path, source, capsys):
@@ -242,8 +268,9 @@ def test_two_epoch_run_writes_every_output(tmp_path, source, capsys):
     assert metrics["config"]["model"] == "softmax" and metrics["config"]["epochs"] == 2
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert set(metrics["epochs"][0]) == {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
-    assert metrics["train_seconds"] == pytest.approx(sum(e["seconds"] for e in metrics["epochs"]),
-                                                     abs=1e-3)
+    assert metrics["train_seconds"] == pytest.approx(
+        sum(e["seconds"] for e in metrics["epochs"]), abs=1e-3
+    )
     assert metrics["epochs"][1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     for name in ("curves.png", "predictions.png", "confusion.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0, name
@@ -255,18 +282,27 @@ def test_fused_and_torch_losses_end_with_the_same_parameters(tmp_path, source, m
     data = D.load(source, "cpu", download=False)
     params = {}
     for loss in ("fused", "torch"):
-        args = T.parse_args(["--model", model, "--loss", loss, "--label-smoothing", "0.1",
-                             "--batch-size", "32"])
+        args = T.parse_args(
+            ["--model", model, "--loss", loss, "--label-smoothing", "0.1", "--batch-size", "32"]
+        )
         config = R.make_config(args, torch.device("cpu"))
-        trainer = Trainer(*R.build(config, torch.device("cpu")), data.train_x, data.train_y,
-                            data.test_x, data.test_y, config["batch_size"], config["seed"])
+        trainer = Trainer(
+            *R.build(config, torch.device("cpu")),
+            data.train_x,
+            data.train_y,
+            data.test_x,
+            data.test_y,
+            config["batch_size"],
+            config["seed"],
+        )
         assert trainer.run(2, on_epoch=lambda e: None)
         params[loss] = trainer.model.state_dict()
     assert params["fused"].keys() == params["torch"].keys()
     for k, v in params["fused"].items():
         assert torch.allclose(v, params["torch"][k], rtol=1e-5, atol=1e-6), k
-    assert not torch.equal(params["fused"][k], R.build(config, torch.device("cpu"))[0]
-                           .state_dict()[k])  # it did train
+    assert not torch.equal(
+        params["fused"][k], R.build(config, torch.device("cpu"))[0].state_dict()[k]
+    )  # it did train
 
 
 def test_resume_after_an_epoch_matches_an_uninterrupted_run(tmp_path, source):
@@ -329,8 +365,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_loss_in_trainer_benchmark_alternates_both_losses(tmp_path, source):
     from benchmarks import loss_in_trainer
 
-    assert loss_in_trainer.main(["--epochs", "2", "--data-dir", str(source),
-                                 "--out", str(tmp_path / "res")]) == 0
+    assert (
+        loss_in_trainer.main(
+            ["--epochs", "2", "--data-dir", str(source), "--out", str(tmp_path / "res")]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "res" / "loss_in_trainer.json").read_text())
     assert len(doc["seconds"]["fused"]) == len(doc["seconds"]["torch"]) == 2
     assert doc["ratio_fused_over_torch"] > 0 and doc["same_parameters"] is True

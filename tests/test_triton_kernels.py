@@ -5,6 +5,7 @@ does) and on CUDA tensors when a GPU is present and the interpreter is off. A ti
 (``SOFTMAX_EXT_TRITON_BLOCK``) forces the online multi-block path on small shapes.
 References are float64 PyTorch computations.
 """
+
 import math
 
 import pytest
@@ -50,8 +51,9 @@ def kernels(device: str):
 
 
 def assert_close(actual, expected, atol=1e-12, rtol=1e-10):
-    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol, rtol=rtol,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        actual, expected.to(actual.dtype), atol=atol, rtol=rtol, equal_nan=True
+    )
 
 
 # ---------------------------------------------------------------- references (float64 torch)
@@ -87,8 +89,18 @@ def ref_soft(x, q, w, eps, g):
 
 # ---------------------------------------------------------------- softmax
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("shape,dim", [((3, 9), 1), ((2, 5, 3), 1), ((5, 2), 0), ((4,), 0),
-                                       ((2, 3, 1), 2), ((3, 0), 1), ((2, 3, 300), 1)])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [
+        ((3, 9), 1),
+        ((2, 5, 3), 1),
+        ((5, 2), 0),
+        ((4,), 0),
+        ((2, 3, 1), 2),
+        ((3, 0), 1),
+        ((2, 3, 300), 1),
+    ],
+)
 def test_softmax_matches_torch(device, block, shape, dim, log):
     x = torch.randn(shape, dtype=torch.float64, device=device)
     g = torch.randn(shape, dtype=torch.float64, device=device)
@@ -128,7 +140,7 @@ def test_softmax_half_types(device, block, dtype):
 def _index_case(device, n, c, weighted, ignore_index, gen_seed=0):
     """Logits as a column slice (row stride c + 3) and targets as an odd-offset strided slice."""
     g = torch.Generator().manual_seed(gen_seed)
-    x = torch.randn(n, c + 3, dtype=torch.float64, generator=g).to(device)[:, 1:c + 1]
+    x = torch.randn(n, c + 3, dtype=torch.float64, generator=g).to(device)[:, 1 : c + 1]
     t = torch.randint(0, c, (2 * n + 1,), generator=g).to(device)[1::2]
     t[::3] = ignore_index
     w = torch.rand(c, dtype=torch.float64, generator=g).to(device) if weighted else None
@@ -147,8 +159,9 @@ def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, with_s
     gs = torch.randn((), dtype=torch.float64, device=device).expand(n)  # stride 0
     k = kernels(device)
     nll, smooth, lse = k.ce_index_fwd(x, t, w, ignore_index, with_smooth)
-    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, w, ignore_index, gn,
-                                               gs if with_smooth else None)
+    r_nll, r_smooth, r_lse, r_grad = ref_index(
+        x, t, w, ignore_index, gn, gs if with_smooth else None
+    )
     assert nll.dtype == smooth.dtype == lse.dtype == torch.float64  # lse: float64 always
     assert_close(nll, r_nll)
     assert_close(lse, r_lse)
@@ -175,10 +188,10 @@ def test_ce_index_hostile_values(device, block, with_smooth):
     x = torch.randn(7, 6, dtype=torch.float64, device=device)
     x[0, 2] = INF
     x[1, 3] = NAN
-    x[2] = -INF                      # all -inf: NaN loss
-    x[3, :5] = -INF                  # -inf elsewhere: probability 0
-    x[4, 0] = -INF                   # weight 0 on a -inf logit: NaN smooth term, as in torch
-    x[5] = -INF                      # ignored all -inf row: exactly 0
+    x[2] = -INF  # all -inf: NaN loss
+    x[3, :5] = -INF  # -inf elsewhere: probability 0
+    x[4, 0] = -INF  # weight 0 on a -inf logit: NaN smooth term, as in torch
+    x[5] = -INF  # ignored all -inf row: exactly 0
     x[6, 5] = -INF
     t = torch.tensor([1, 1, 0, 5, 3, -100, 2], device=device)
     w = torch.rand(6, dtype=torch.float64, device=device) + 0.5
@@ -234,8 +247,12 @@ def test_ce_large_logits_keep_gradient_accuracy(device, block):
     assert_close(grad, ref_index(x, t, None, -100, g)[3], atol=1e-6, rtol=1e-5)
     q = torch.softmax(torch.randn(4, 9, device=device), 1)
     _, lse, tsum = k.ce_soft_fwd(x, q, None, 0.0)
-    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0), ref_soft(x, q, None, 0.0, g)[3],
-                 atol=1e-6, rtol=1e-5)
+    assert_close(
+        k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0),
+        ref_soft(x, q, None, 0.0, g)[3],
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 def test_ce_index_bad_targets_raise_on_cpu():
@@ -392,8 +409,16 @@ def test_cuda_opcheck(dtype):
         (ops_.softmax_fwd, (torch.randn(3, 5, 4, device="cuda", dtype=dtype), 2, True)),
         (ops_.softmax_bwd, (torch.randn(6, 11, device="cuda", dtype=dtype), y, 1, False)),
         (ops_.ce_index_fwd, (x, t, w, -100, True)),
-        (ops_.ce_index_fwd, (x[:, :7], torch.tensor([9, 0, 3, -100, 6, 2, 2], device="cuda")[1:],
-                             None, -100, False)),
+        (
+            ops_.ce_index_fwd,
+            (
+                x[:, :7],
+                torch.tensor([9, 0, 3, -100, 6, 2, 2], device="cuda")[1:],
+                None,
+                -100,
+                False,
+            ),
+        ),
         (ops_.ce_index_bwd, (g, g.clone(), x, t, w, lse, -100, True)),
         (ops_.ce_index_bwd, (g[:1].expand(6), g, x, t, None, lse, -100, False)),
         (ops_.ce_soft_fwd, (x, p, None, 0.0)),
@@ -411,16 +436,18 @@ def test_cuda_torch_compile():
     x = torch.randn(32, 300, device="cuda")
     t = torch.randint(0, 300, (32,), device="cuda")
     se_triton.register_cuda_kernels()
-    op = torch.compile(lambda x, t: torch.ops.softmax_ext.ce_index_fwd(x, t, None, -100, True),
-                       fullgraph=True)
+    op = torch.compile(
+        lambda x, t: torch.ops.softmax_ext.ce_index_fwd(x, t, None, -100, True), fullgraph=True
+    )
     nll, smooth, lse = op(x, t)
     r_nll, r_smooth, r_lse, _ = ref_index(x, t, None, -100, torch.ones(32, device="cuda"))
     assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
     assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
 
     xg = x.clone().requires_grad_()
-    fn = torch.compile(lambda x, t: softmax_ext.cross_entropy(x, t)
-                       + softmax_ext.log_softmax(x, 1).mean())
+    fn = torch.compile(
+        lambda x, t: softmax_ext.cross_entropy(x, t) + softmax_ext.log_softmax(x, 1).mean()
+    )
     out = fn(xg, t)
     out.backward()
     xr = x.clone().requires_grad_()
@@ -440,8 +467,9 @@ def test_cuda_out_of_range_target_is_nan_not_a_crash():
     x = torch.randn(3, 5, device="cuda")
     t = torch.tensor([0, 7, -3], device="cuda")
     nll, _, lse = k.ce_index_fwd(x, t, None, -100, False)
-    grad = k.ce_index_bwd(torch.ones(3, device="cuda"), torch.ones(3, device="cuda"), x, t, None,
-                          lse, -100, False)
+    grad = k.ce_index_bwd(
+        torch.ones(3, device="cuda"), torch.ones(3, device="cuda"), x, t, None, lse, -100, False
+    )
     assert torch.isfinite(nll[0]) and torch.isnan(nll[1:]).all()
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
 

@@ -5,6 +5,7 @@ Modules, in the order data flows: ``data`` (find, verify, load), ``models`` and 
 loop), ``checkpoint`` (atomic checkpoint and metrics files), ``plots`` (figures), ``runtime``
 (device, threads, Ctrl-C) and ``train`` (the command line, ``softmax-ext-train``).
 """
+
 from .data import CLASS_NAMES, DataError, load
 
 __all__ = ["CLASS_NAMES", "DataError", "load"]

@@ -3,6 +3,7 @@
 Every file is written to a temporary name in the same folder and then moved over the old one with
 os.replace, so an interrupted write never leaves a half-written checkpoint behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,20 @@ def load_checkpoint(out_dir: Path, device: torch.device) -> dict:
     """
     path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to "
-                                "start a new run there")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {path}; run without --resume to start a new run there"
+        )
     return torch.load(path, map_location=device, weights_only=True)
 
 
 def write_metrics(config: dict, epochs: list, out_dir: Path, **extra: Any) -> Path:
     """metrics.json: the config, one record per epoch and the training time, atomically."""
-    metrics = {"config": config, "epochs": epochs,
-               "train_seconds": round(sum(e["seconds"] for e in epochs), 4), **extra}
+    metrics = {
+        "config": config,
+        "epochs": epochs,
+        "train_seconds": round(sum(e["seconds"] for e in epochs), 4),
+        **extra,
+    }
     path = Path(out_dir) / METRICS
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     return path

@@ -24,6 +24,7 @@ bytes are identical; the tests' synthetic sets have no known sum at all. Hence t
 
 Any failure raises :class:`DataError` naming the file; a run never starts on bad data.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,8 +42,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-               "bag", "ankle boot")
+CLASS_NAMES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 IMAGES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 LABELS = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 FILE_NAMES = (IMAGES["train"], LABELS["train"], IMAGES["test"], LABELS["test"])
@@ -111,9 +122,11 @@ def _in_folder(folder: Path) -> Optional[dict]:
     if not files:
         return None
     if missing:
-        raise DataError(f"{folder} holds only part of Fashion-MNIST; missing: "
-                        + ", ".join(m + "[.gz]" for m in missing)
-                        + " (complete the folder, or delete it to look elsewhere)")
+        raise DataError(
+            f"{folder} holds only part of Fashion-MNIST; missing: "
+            + ", ".join(m + "[.gz]" for m in missing)
+            + " (complete the folder, or delete it to look elsewhere)"
+        )
     return files
 
 
@@ -131,8 +144,9 @@ def debian_files() -> Optional[dict]:
     if shutil.which("dpkg") is None:
         return None
     try:
-        listing = subprocess.run(["dpkg", "-L", DEBIAN_PACKAGE], capture_output=True, text=True,
-                                 timeout=30)
+        listing = subprocess.run(
+            ["dpkg", "-L", DEBIAN_PACKAGE], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if listing.returncode != 0:
@@ -178,8 +192,9 @@ def read_bytes(path: Path) -> bytes:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (EOFError, OSError, zlib.error) as err:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: corrupt or truncated gzip file ({err}); delete it and fetch it "
-                        "again") from err
+        raise DataError(
+            f"{path}: corrupt or truncated gzip file ({err}); delete it and fetch it again"
+        ) from err
 
 
 def check_idx(path: Path, content: bytes) -> int:
@@ -194,17 +209,21 @@ def check_idx(path: Path, content: bytes) -> int:
         raise DataError(f"{path}: {len(content)} bytes, too short for an IDX header (truncated)")
     magic, count = struct.unpack(">ii", content[:8])
     if magic != (IMAGE_MAGIC if images else LABEL_MAGIC):
-        raise DataError(f"{path}: magic number {magic}, expected "
-                        f"{IMAGE_MAGIC if images else LABEL_MAGIC}; not an IDX "
-                        f"{'image' if images else 'label'} file")
+        raise DataError(
+            f"{path}: magic number {magic}, expected "
+            f"{IMAGE_MAGIC if images else LABEL_MAGIC}; not an IDX "
+            f"{'image' if images else 'label'} file"
+        )
     item = ROWS * COLS if images else 1
     if images:
         rows, cols = struct.unpack(">ii", content[8:16])
         if (rows, cols) != (ROWS, COLS):
             raise DataError(f"{path}: images of {rows}x{cols}, expected {ROWS}x{COLS}")
     if count <= 0 or len(content) != header + count * item:
-        raise DataError(f"{path}: {len(content)} bytes, but its header announces {count} items "
-                        f"({header + count * item} bytes): truncated or corrupt")
+        raise DataError(
+            f"{path}: {len(content)} bytes, but its header announces {count} items "
+            f"({header + count * item} bytes): truncated or corrupt"
+        )
     if not images:
         top = int(np.frombuffer(content, np.uint8, offset=header).max())
         if top >= NUM_CLASSES:
@@ -212,9 +231,11 @@ def check_idx(path: Path, content: bytes) -> int:
     name = path.name[:-3] if path.suffix == ".gz" else path.name
     known = KNOWN_CONTENT.get(name)
     if known is not None and count == known[0] and hashlib.md5(content).hexdigest() != known[1]:
-        raise DataError(f"{path}: {count} items like the real Fashion-MNIST file, but its "
-                        f"content's md5 sum is not the real one ({known[1]}): corrupt; fetch it "
-                        "again")
+        raise DataError(
+            f"{path}: {count} items like the real Fashion-MNIST file, but its "
+            f"content's md5 sum is not the real one ({known[1]}): corrupt; fetch it "
+            "again"
+        )
     return count
 
 
@@ -230,8 +251,10 @@ def verify(files: dict) -> dict:
     for split in ("train", "test"):
         n_img, n_lab = counts[IMAGES[split]], counts[LABELS[split]]
         if n_img != n_lab:
-            raise DataError(f"{files[IMAGES[split]]} holds {n_img} images but "
-                            f"{files[LABELS[split]]} {n_lab} labels")
+            raise DataError(
+                f"{files[IMAGES[split]]} holds {n_img} images but "
+                f"{files[LABELS[split]]} {n_lab} labels"
+            )
     return contents
 
 
@@ -272,8 +295,11 @@ def prepare(found: Found, data_dir: PathLike) -> Path:
     raw = root / "FashionMNIST" / "raw"
     for name, content in contents.items():
         target = raw / name
-        if target.is_file() and target.stat().st_size == len(content) \
-                and target.read_bytes() == content:
+        if (
+            target.is_file()
+            and target.stat().st_size == len(content)
+            and target.read_bytes() == content
+        ):
             continue
         tmp = raw / f".{name}.{os.getpid()}.tmp"
         tmp.write_bytes(content)
@@ -289,8 +315,9 @@ def _download(data_dir: Path) -> Path:
     return data_dir
 
 
-def locate(data_dir: PathLike, *, download: bool = True, use_env: bool = True,
-           use_debian: bool = True) -> tuple:
+def locate(
+    data_dir: PathLike, *, download: bool = True, use_env: bool = True, use_debian: bool = True
+) -> tuple:
     """Find, verify and prepare Fashion-MNIST; return (torchvision root, where it came from).
 
     Falls back to torchvision's download when no local copy exists and ``download`` is true.
@@ -328,8 +355,9 @@ class FashionMNISTTensors:
     origin: str
 
 
-def load(data_dir: PathLike, device: Union[str, torch.device] = "cpu", *,
-         download: bool = True) -> FashionMNISTTensors:
+def load(
+    data_dir: PathLike, device: Union[str, torch.device] = "cpu", *, download: bool = True
+) -> FashionMNISTTensors:
     """Load Fashion-MNIST through torchvision's FashionMNIST as tensors on ``device``.
 
     Images are converted from uint8 once, on the device, and scaled to [0, 1] as ToTensor does;

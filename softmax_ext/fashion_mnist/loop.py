@@ -7,6 +7,7 @@ the device during the epoch (no per-batch ``.item()`` synchronisation).
 The loop can stop between two steps (Ctrl-C) and later continue exactly where it stopped: the
 permutation of epoch e depends only on (seed, e), and the partial sums are part of the state.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,8 +44,9 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = EVAL_BATCH) -> Tensor
     """Predicted class of every row of ``x``, evaluated in large batches."""
     was_training = model.training
     model.eval()
-    labels = torch.cat([model(x[i:i + batch_size]).argmax(dim=1)
-                        for i in range(0, len(x), batch_size)])
+    labels = torch.cat(
+        [model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)]
+    )
     model.train(was_training)
     return labels
 
@@ -66,10 +68,20 @@ class Trainer:
             a function of the index alone, so a resumed run gets the same rates.
     """
 
-    def __init__(self, model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
-                 train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                 batch_size: int, seed: int, progress: Optional[Progress] = None,
-                 lr_at: Optional[Callable[[int], float]] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_x: Tensor,
+        train_y: Tensor,
+        test_x: Tensor,
+        test_y: Tensor,
+        batch_size: int,
+        seed: int,
+        progress: Optional[Progress] = None,
+        lr_at: Optional[Callable[[int], float]] = None,
+    ) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_x, self.train_y, self.test_x, self.test_y = train_x, train_y, test_x, test_y
         self.batch_size, self.seed = batch_size, seed
@@ -80,9 +92,13 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_x) // self.batch_size)
 
-    def run(self, epochs: int, on_epoch: Callable[[dict], None],
-            should_stop: Callable[[], bool] = lambda: False,
-            progress_bar: Callable = lambda it, **kw: it) -> bool:
+    def run(
+        self,
+        epochs: int,
+        on_epoch: Callable[[dict], None],
+        should_stop: Callable[[], bool] = lambda: False,
+        progress_bar: Callable = lambda it, **kw: it,
+    ) -> bool:
         """Train until ``epochs`` epochs are done; return False if ``should_stop`` ended it early.
 
         ``on_epoch`` gets each finished epoch's record {"epoch", "train_loss", "train_acc",
@@ -107,14 +123,18 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen, step = 0, p.step
         model.train()
-        steps = progress_bar(range(p.step, self.steps_per_epoch), initial=p.step,
-                             total=self.steps_per_epoch, desc=f"epoch {p.epoch + 1}")
+        steps = progress_bar(
+            range(p.step, self.steps_per_epoch),
+            initial=p.step,
+            total=self.steps_per_epoch,
+            desc=f"epoch {p.epoch + 1}",
+        )
         stopped = False
         for step in steps:
             if should_stop():
                 stopped = True
                 break
-            idx = order[step * bs:(step + 1) * bs]
+            idx = order[step * bs : (step + 1) * bs]
             X, Y = x.index_select(0, idx), y.index_select(0, idx)
             logits = model(X)
             l = loss_fn(logits, Y)
@@ -138,16 +158,25 @@ class Trainer:
             return False
         test_acc = accuracy(model, self.test_x, self.test_y)
         p.seconds += time.perf_counter() - start
-        p.history.append({"epoch": p.epoch + 1, "train_loss": p.loss_sum / p.seen,
-                          "train_acc": p.correct / p.seen, "test_acc": test_acc,
-                          "seconds": p.seconds})
+        p.history.append(
+            {
+                "epoch": p.epoch + 1,
+                "train_loss": p.loss_sum / p.seen,
+                "train_acc": p.correct / p.seen,
+                "test_acc": test_acc,
+                "seconds": p.seconds,
+            }
+        )
         self.progress = Progress(epoch=p.epoch + 1, history=p.history)
         return True
 
     def state_dict(self) -> dict:
         """Model, optimizer and progress, for a checkpoint."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "progress": asdict(self.progress)}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": asdict(self.progress),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict`."""

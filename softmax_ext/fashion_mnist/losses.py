@@ -4,6 +4,7 @@ The concise models use ``softmax_ext.CrossEntropyLoss`` (``--loss fused``) or
 ``torch.nn.CrossEntropyLoss`` (``--loss torch``). The from-scratch model writes the loss on top
 of ``log_softmax`` (softmax_ext's or torch's), as chapter 3.6 does.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -38,8 +39,9 @@ class ScratchCrossEntropy(nn.Module):
         return nll.mean()
 
 
-def build_loss(kind: str, model_name: str, label_smoothing: float = 0.0,
-               backend: str = "auto") -> nn.Module:
+def build_loss(
+    kind: str, model_name: str, label_smoothing: float = 0.0, backend: str = "auto"
+) -> nn.Module:
     """The mean cross-entropy to train ``model_name`` with: ``kind`` "fused" or "torch"."""
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")

@@ -6,6 +6,7 @@
 
 All start from the chapters' initialisation: weights from N(0, 0.01^2), biases zero.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,8 +34,9 @@ class SoftmaxRegressionScratch(nn.Module):
     -log(softmax(O)[y]) without its overflow) and :meth:`probabilities` gives softmax(O).
     """
 
-    def __init__(self, num_inputs: int = NUM_INPUTS, num_outputs: int = NUM_OUTPUTS,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, num_inputs: int = NUM_INPUTS, num_outputs: int = NUM_OUTPUTS, backend: str = "auto"
+    ) -> None:
         super().__init__()
         # W is (784, 10) as in the chapter but stored transposed, as nn.Linear stores its weight:
         # X @ W then takes BLAS's fast path (here twice as fast as with a row-major 784 x 10 W).
@@ -57,8 +59,9 @@ def parse_hidden(spec: str) -> tuple:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) <= 0:
-        raise ValueError(f"hidden sizes must be positive integers like 256 or 200,200, "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"hidden sizes must be positive integers like 256 or 200,200, got {spec!r}"
+        )
     return sizes
 
 
@@ -86,4 +89,3 @@ def predict_probabilities(model: nn.Module, X: Tensor, backend: str = "auto") ->
     if isinstance(model, SoftmaxRegressionScratch):
         return model.probabilities(X)
     return SF.softmax(model(X), dim=1, backend=backend)
-

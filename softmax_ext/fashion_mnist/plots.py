@@ -2,6 +2,7 @@
 
 matplotlib draws with the Agg backend (files only, no screen needed).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,15 @@ def plot_curves(epochs: Sequence[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_predictions(images: Tensor, true: Tensor, pred: Tensor, confidence: Tensor,
-                     class_names: Sequence[str], path: Path, cols: int = 8) -> Path:
+def plot_predictions(
+    images: Tensor,
+    true: Tensor,
+    pred: Tensor,
+    confidence: Tensor,
+    class_names: Sequence[str],
+    path: Path,
+    cols: int = 8,
+) -> Path:
     """A grid of test images titled "true / predicted (probability)"; mistakes in red.
 
     The grid is one mosaic image on one axes (a subplot per image is ten times slower to draw).
@@ -57,10 +65,17 @@ def plot_predictions(images: Tensor, true: Tensor, pred: Tensor, confidence: Ten
     for i in range(n):
         r, c = divmod(i, cols)
         y0, x0 = r * cell_h + top, c * cell_w + 4
-        mosaic[y0:y0 + 28, x0:x0 + 28] = pixels[i]
+        mosaic[y0 : y0 + 28, x0 : x0 + 28] = pixels[i]
         t, p = int(true[i]), int(pred[i])
-        ax.text(x0 + 14, y0 - 2, f"{class_names[t]}\n{class_names[p]} ({float(confidence[i]):.0%})",
-                ha="center", va="bottom", fontsize=7.5, color="black" if t == p else "red")
+        ax.text(
+            x0 + 14,
+            y0 - 2,
+            f"{class_names[t]}\n{class_names[p]} ({float(confidence[i]):.0%})",
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="black" if t == p else "red",
+        )
     ax.imshow(mosaic, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.axis("off")
     ax.set_title("test images: true label / predicted label (probability)", fontsize=9)
@@ -70,7 +85,7 @@ def plot_predictions(images: Tensor, true: Tensor, pred: Tensor, confidence: Ten
 def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
     """counts[t, p] = how many examples of class t were predicted as p."""
     flat = true.to(torch.int64) * num_classes + pred.to(torch.int64)
-    return torch.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
 
 
 def plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> Path:
@@ -87,15 +102,29 @@ def plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> Pa
     for t in range(k):
         for p in range(k):
             c = int(counts[t, p])
-            ax.text(p, t, str(c), ha="center", va="center", fontsize=7,
-                    color="white" if c > top / 2 else "black")
+            ax.text(
+                p,
+                t,
+                str(c),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if c > top / 2 else "black",
+            )
     acc = float(counts.diagonal().sum()) / max(int(counts.sum()), 1)
     ax.set_title(f"confusion matrix on the test set (accuracy {acc:.3f})")
     return _save(fig, path)
 
 
-def write_figures(model: nn.Module, test_x: Tensor, test_y: Tensor, history: Sequence[dict],
-                  backend: str, out: Path, n_examples: int = 24) -> None:
+def write_figures(
+    model: nn.Module,
+    test_x: Tensor,
+    test_y: Tensor,
+    history: Sequence[dict],
+    backend: str,
+    out: Path,
+    n_examples: int = 24,
+) -> None:
     """curves.png, predictions.png and confusion.png of a trained model in ``out``."""
     if history:
         plot_curves(history, out / "curves.png")
@@ -103,7 +132,14 @@ def write_figures(model: nn.Module, test_x: Tensor, test_y: Tensor, history: Seq
     with torch.inference_mode():
         probs = predict_probabilities(model, test_x[:n_examples], backend)
     confidence = probs.gather(1, pred[:n_examples, None]).squeeze(1)
-    plot_predictions(test_x[:n_examples], test_y[:n_examples], pred[:n_examples], confidence,
-                     CLASS_NAMES, out / "predictions.png")
-    plot_confusion(confusion_matrix(test_y, pred, len(CLASS_NAMES)), CLASS_NAMES,
-                   out / "confusion.png")
+    plot_predictions(
+        test_x[:n_examples],
+        test_y[:n_examples],
+        pred[:n_examples],
+        confidence,
+        CLASS_NAMES,
+        out / "predictions.png",
+    )
+    plot_confusion(
+        confusion_matrix(test_y, pred, len(CLASS_NAMES)), CLASS_NAMES, out / "confusion.png"
+    )

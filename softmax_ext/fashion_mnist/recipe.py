@@ -1,5 +1,6 @@
 """A run's recipe: its settings (the config dict) and the model, loss, optimizer and learning-rate
 schedule they make. The defaults are the chapter's recipe."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,22 +16,38 @@ from .models import build_model, parse_hidden
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
 DEFAULT_EPOCHS = 10
 # What --resume takes from the checkpoint rather than from the command line.
-RUN_DEFINING = ("model", "hidden", "loss", "backend", "batch_size", "lr", "lr_schedule",
-                "optimizer", "label_smoothing", "seed")
+RUN_DEFINING = (
+    "model",
+    "hidden",
+    "loss",
+    "backend",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "optimizer",
+    "label_smoothing",
+    "seed",
+)
 
 
 def make_config(args: argparse.Namespace, device: torch.device) -> dict:
     """The run's configuration as recorded in metrics.json and the checkpoint."""
     return {
-        "model": args.model, "hidden": list(parse_hidden(args.hidden)) if args.model == "mlp"
-        else None, "loss": args.loss, "backend": args.backend,
+        "model": args.model,
+        "hidden": list(parse_hidden(args.hidden)) if args.model == "mlp" else None,
+        "loss": args.loss,
+        "backend": args.backend,
         "epochs": DEFAULT_EPOCHS if args.epochs is None else args.epochs,
         "batch_size": args.batch_size,
         "lr": DEFAULT_LR[args.optimizer] if args.lr is None else args.lr,
         "lr_schedule": args.lr_schedule,
-        "optimizer": args.optimizer, "label_smoothing": args.label_smoothing, "seed": args.seed,
-        "device": str(device), "threads": args.threads,
-        "torch": str(torch.__version__), "cpu": platform.processor() or platform.machine(),
+        "optimizer": args.optimizer,
+        "label_smoothing": args.label_smoothing,
+        "seed": args.seed,
+        "device": str(device),
+        "threads": args.threads,
+        "torch": str(torch.__version__),
+        "cpu": platform.processor() or platform.machine(),
     }
 
 
@@ -39,8 +56,7 @@ def build(config: dict, device: torch.device) -> tuple:
     torch.manual_seed(config["seed"])
     backend = config["backend"] if config["loss"] == "fused" else "torch"
     model = build_model(config["model"], tuple(config["hidden"] or (256,)), backend).to(device)
-    loss = build_loss(config["loss"], config["model"], config["label_smoothing"],
-                      config["backend"])
+    loss = build_loss(config["loss"], config["model"], config["label_smoothing"], config["backend"])
     if config["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
     else:  # the fused Adam step is a third of the default's cost for these small tensors

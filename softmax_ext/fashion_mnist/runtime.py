@@ -1,4 +1,5 @@
 """The process around a run: the device, CPU threads, and Ctrl-C between two training steps."""
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,11 @@ class StopFlag:
         def handler(signum, frame):
             self.requested = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nCtrl-C: stopping after this step to save a checkpoint "
-                  "(press again to abort without saving)", file=sys.stderr)
+            print(
+                "\nCtrl-C: stopping after this step to save a checkpoint "
+                "(press again to abort without saving)",
+                file=sys.stderr,
+            )
 
         try:
             previous = signal.signal(signal.SIGINT, handler)

@@ -4,6 +4,7 @@ On CUDA tensors the kernels are reached through the dispatcher once :func:`regis
 has run. On CPU tensors they run through Triton's interpreter (:func:`interpreter_kernels`), which
 needs ``TRITON_INTERPRET=1`` in the environment before Triton is imported.
 """
+
 import os
 import threading
 from types import SimpleNamespace
@@ -24,9 +25,12 @@ def _launchers() -> SimpleNamespace:
     from .softmax import softmax_bwd, softmax_fwd
 
     return SimpleNamespace(
-        softmax_fwd=softmax_fwd, softmax_bwd=softmax_bwd,
-        ce_index_fwd=ce_index_fwd, ce_index_bwd=ce_index_bwd,
-        ce_soft_fwd=ce_soft_fwd, ce_soft_bwd=ce_soft_bwd,
+        softmax_fwd=softmax_fwd,
+        softmax_bwd=softmax_bwd,
+        ce_index_fwd=ce_index_fwd,
+        ce_index_bwd=ce_index_bwd,
+        ce_soft_fwd=ce_soft_fwd,
+        ce_soft_bwd=ce_soft_bwd,
     )
 
 

@@ -4,6 +4,7 @@ Every kernel works on a 2-D tile: axis 0 are independent rows (``BLOCK_R`` of th
 axis 1 the classes (``BLOCK_C`` at a time). A row that fits in one class block is read once
 (single-block path); wider rows are walked block by block with an online log-sum-exp.
 """
+
 import contextlib
 import os
 import warnings
@@ -36,8 +37,9 @@ def max_block_c() -> int:
     return value
 
 
-def tile_shape(n_rows: int, n_classes: int, max_rows: Optional[int] = None
-               ) -> Tuple[int, int, bool]:
+def tile_shape(
+    n_rows: int, n_classes: int, max_rows: Optional[int] = None
+) -> Tuple[int, int, bool]:
     """(BLOCK_R, BLOCK_C, SINGLE) for ``n_rows`` rows of ``n_classes`` classes.
 
     SINGLE is true when a whole row fits in one class block, so the row is loaded only once.
@@ -45,8 +47,7 @@ def tile_shape(n_rows: int, n_classes: int, max_rows: Optional[int] = None
     """
     cap = max_block_c()
     block_c = min(triton.next_power_of_2(max(n_classes, 1)), cap)
-    block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c,
-                  max_rows or MAX_BLOCK_R)
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, max_rows or MAX_BLOCK_R)
     return max(1, block_r), block_c, n_classes <= block_c
 
 
@@ -69,8 +70,11 @@ def check_dtype(t: torch.Tensor, what: str) -> None:
 
 def check_weight(weight: Optional[torch.Tensor], logits: torch.Tensor) -> None:
     """Raise ValueError unless ``weight`` is None or (C,) in the logits' accumulation dtype."""
-    if weight is not None and (weight.dtype != acc_dtype(logits.dtype) or weight.dim() != 1
-                               or weight.shape[0] != logits.shape[1]):
+    if weight is not None and (
+        weight.dtype != acc_dtype(logits.dtype)
+        or weight.dim() != 1
+        or weight.shape[0] != logits.shape[1]
+    ):
         raise ValueError(
             f"softmax_ext (triton): weight must be ({logits.shape[1]},) "
             f"{acc_dtype(logits.dtype)}, got {tuple(weight.shape)} {weight.dtype}"

@@ -6,6 +6,7 @@ log-sum-exp over class blocks. Out-of-range targets: on CPU (the interpreter) th
 IndexError like PyTorch; on CUDA the kernels never read out of bounds and never synchronise: the
 row's loss and gradient become NaN, and ``tl.device_assert`` fires when Triton's debug mode is on.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -13,9 +14,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (acc_dtype, check_dtype, check_targets, check_weight, finite_shift,
-                      lse_to_f64, num_warps, on_device, online_lse_update, rows_online_lse,
-                      split_lse, tile_shape, unit_class_stride, upcast)
+from ._common import (
+    acc_dtype,
+    check_dtype,
+    check_targets,
+    check_weight,
+    finite_shift,
+    lse_to_f64,
+    num_warps,
+    on_device,
+    online_lse_update,
+    rows_online_lse,
+    split_lse,
+    tile_shape,
+    unit_class_stride,
+    upcast,
+)
 
 
 @triton.jit
@@ -30,10 +44,23 @@ def _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index):
 
 @triton.jit
 def _ce_index_fwd_kernel(
-    x_ptr, stride_x, t_ptr, stride_t, w_ptr, nll_ptr, smooth_ptr, lse_ptr,
-    n_rows, C, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_SMOOTH: tl.constexpr, IS_F64: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    stride_x,
+    t_ptr,
+    stride_t,
+    w_ptr,
+    nll_ptr,
+    smooth_ptr,
+    lse_ptr,
+    n_rows,
+    C,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_SMOOTH: tl.constexpr,
+    IS_F64: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -85,10 +112,27 @@ def _ce_index_fwd_kernel(
 
 @triton.jit
 def _ce_index_bwd_kernel(
-    gn_ptr, stride_gn, gs_ptr, stride_gs, x_ptr, stride_x, t_ptr, stride_t, w_ptr, wsum_ptr,
-    lse_ptr, stride_lse, gx_ptr, n_rows, C, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_SMOOTH: tl.constexpr, IS_F64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    gn_ptr,
+    stride_gn,
+    gs_ptr,
+    stride_gs,
+    x_ptr,
+    stride_x,
+    t_ptr,
+    stride_t,
+    w_ptr,
+    wsum_ptr,
+    lse_ptr,
+    stride_lse,
+    gx_ptr,
+    n_rows,
+    C,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_SMOOTH: tl.constexpr,
+    IS_F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -123,8 +167,9 @@ def _ce_index_bwd_kernel(
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                 with_smooth: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def ce_index_fwd(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, with_smooth: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row (nll, smooth, lse) of (rows, C) ``logits`` against int64 ``target``.
 
     nll = w[t] * (lse - x[t]); smooth = sum_c w[c] * (lse - x[c]) (zeros unless ``with_smooth``);
@@ -144,19 +189,38 @@ def ce_index_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     block_r, block_c, single = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_index_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            logits, logits.stride(0), target, target.stride(0),
-            logits if weight is None else weight, nll, smooth, lse,
-            n_rows, n_classes, ignore_index,
-            HAS_WEIGHT=weight is not None, WITH_SMOOTH=bool(with_smooth),
-            IS_F64=acc == torch.float64, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c,
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            logits if weight is None else weight,
+            nll,
+            smooth,
+            lse,
+            n_rows,
+            n_classes,
+            ignore_index,
+            HAS_WEIGHT=weight is not None,
+            WITH_SMOOTH=bool(with_smooth),
+            IS_F64=acc == torch.float64,
+            SINGLE=single,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
             num_warps=num_warps(block_r, block_c),
         )
     return nll, smooth, lse
 
 
-def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: Tensor,
-                 weight: Optional[Tensor], lse: Tensor, ignore_index: int,
-                 with_smooth: bool) -> Tensor:
+def ce_index_bwd(
+    grad_nll: Tensor,
+    grad_smooth: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    ignore_index: int,
+    with_smooth: bool,
+) -> Tensor:
     """d/dlogits of sum_i grad_nll[i] * nll[i] + grad_smooth[i] * smooth[i].
 
     grad = gn * w[t] * (p - onehot(t)) + gs * (W * p - w) (the last term only with
@@ -179,12 +243,27 @@ def ce_index_bwd(grad_nll: Tensor, grad_smooth: Tensor, logits: Tensor, target: 
     block_r, block_c, _ = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_index_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            grad_nll, grad_nll.stride(0), grad_smooth, grad_smooth.stride(0),
-            logits, logits.stride(0), target, target.stride(0),
-            logits if weight is None else weight, wsum, lse, lse.stride(0), grad,
-            n_rows, n_classes, ignore_index,
-            HAS_WEIGHT=weight is not None, WITH_SMOOTH=with_smooth,
-            IS_F64=logits.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
+            grad_nll,
+            grad_nll.stride(0),
+            grad_smooth,
+            grad_smooth.stride(0),
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            logits if weight is None else weight,
+            wsum,
+            lse,
+            lse.stride(0),
+            grad,
+            n_rows,
+            n_classes,
+            ignore_index,
+            HAS_WEIGHT=weight is not None,
+            WITH_SMOOTH=with_smooth,
+            IS_F64=logits.dtype == torch.float64,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
             num_warps=num_warps(block_r, block_c),
         )
     return grad

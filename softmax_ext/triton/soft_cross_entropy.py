@@ -3,6 +3,7 @@
 Logits and targets are (rows, C) with unit class stride and any row stride, in the same dtype.
 With smoothing eps the kernels use q = (1 - eps) * target + eps / C without materialising it.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -10,9 +11,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (acc_dtype, check_dtype, check_weight, finite_shift, lse_to_f64, num_warps,
-                      on_device, online_lse_update, rows_online_lse, split_lse, tile_shape,
-                      unit_class_stride, upcast)
+from ._common import (
+    acc_dtype,
+    check_dtype,
+    check_weight,
+    finite_shift,
+    lse_to_f64,
+    num_warps,
+    on_device,
+    online_lse_update,
+    rows_online_lse,
+    split_lse,
+    tile_shape,
+    unit_class_stride,
+    upcast,
+)
 
 
 @triton.jit
@@ -24,10 +37,22 @@ def _smoothing(eps, C, IS_F64: tl.constexpr):
 
 @triton.jit
 def _ce_soft_fwd_kernel(
-    x_ptr, stride_x, q_ptr, stride_q, w_ptr, loss_ptr, lse_ptr, tsum_ptr,
-    n_rows, C, eps: tl.float64,
-    HAS_WEIGHT: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    stride_x,
+    q_ptr,
+    stride_q,
+    w_ptr,
+    loss_ptr,
+    lse_ptr,
+    tsum_ptr,
+    n_rows,
+    C,
+    eps: tl.float64,
+    HAS_WEIGHT: tl.constexpr,
+    IS_F64: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -65,8 +90,9 @@ def _ce_soft_fwd_kernel(
             wq = wq * keep + spread
             if HAS_WEIGHT:
                 wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
-            loss += tl.sum(tl.where(mask, wq * ((shift[:, None] - x) + log_s[:, None]), 0.0),
-                           axis=1)
+            loss += tl.sum(
+                tl.where(mask, wq * ((shift[:, None] - x) + log_s[:, None]), 0.0), axis=1
+            )
             tsum += tl.sum(tl.where(mask, wq, 0.0), axis=1)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_ptr + rows, lse_to_f64(m, log_s), mask=row_ok)
@@ -75,9 +101,25 @@ def _ce_soft_fwd_kernel(
 
 @triton.jit
 def _ce_soft_bwd_kernel(
-    g_ptr, stride_g, x_ptr, stride_x, q_ptr, stride_q, w_ptr, lse_ptr, stride_lse,
-    tsum_ptr, stride_tsum, gx_ptr, n_rows, C, eps: tl.float64,
-    HAS_WEIGHT: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr,
+    stride_g,
+    x_ptr,
+    stride_x,
+    q_ptr,
+    stride_q,
+    w_ptr,
+    lse_ptr,
+    stride_lse,
+    tsum_ptr,
+    stride_tsum,
+    gx_ptr,
+    n_rows,
+    C,
+    eps: tl.float64,
+    HAS_WEIGHT: tl.constexpr,
+    IS_F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -109,8 +151,9 @@ def _check_target(target: Tensor, logits: Tensor) -> None:
         )
 
 
-def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor]:
+def ce_soft_fwd(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, tsum) of (rows, C) ``logits`` against (rows, C) probabilities.
 
     q = (1 - eps) * target + eps / C; loss = sum_c w[c] q[c] (lse - x[c]); tsum = sum_c w[c] q[c].
@@ -129,17 +172,36 @@ def ce_soft_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
     block_r, block_c, single = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_soft_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            logits, logits.stride(0), target, target.stride(0),
-            logits if weight is None else weight, loss, lse, tsum,
-            n_rows, n_classes, float(label_smoothing),
-            HAS_WEIGHT=weight is not None, IS_F64=acc == torch.float64, SINGLE=single,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            logits if weight is None else weight,
+            loss,
+            lse,
+            tsum,
+            n_rows,
+            n_classes,
+            float(label_smoothing),
+            HAS_WEIGHT=weight is not None,
+            IS_F64=acc == torch.float64,
+            SINGLE=single,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=num_warps(block_r, block_c),
         )
     return loss, lse, tsum
 
 
-def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                lse: Tensor, tsum: Tensor, label_smoothing: float) -> Tensor:
+def ce_soft_bwd(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    tsum: Tensor,
+    label_smoothing: float,
+) -> Tensor:
     """d/dlogits of sum_i grad_loss[i] * loss[i]: g * (tsum * p - w * q), p = exp(x - lse).
 
     ``grad_loss`` may be a stride-0 expansion of a scalar; ``lse`` is the forward's (float64).
@@ -157,10 +219,25 @@ def ce_soft_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optio
     block_r, block_c, _ = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_soft_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            grad_loss, grad_loss.stride(0), logits, logits.stride(0), target, target.stride(0),
-            logits if weight is None else weight, lse, lse.stride(0), tsum, tsum.stride(0), grad,
-            n_rows, n_classes, float(label_smoothing),
-            HAS_WEIGHT=weight is not None, IS_F64=logits.dtype == torch.float64,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+            grad_loss,
+            grad_loss.stride(0),
+            logits,
+            logits.stride(0),
+            target,
+            target.stride(0),
+            logits if weight is None else weight,
+            lse,
+            lse.stride(0),
+            tsum,
+            tsum.stride(0),
+            grad,
+            n_rows,
+            n_classes,
+            float(label_smoothing),
+            HAS_WEIGHT=weight is not None,
+            IS_F64=logits.dtype == torch.float64,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=num_warps(block_r, block_c),
         )
     return grad

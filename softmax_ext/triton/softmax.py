@@ -6,6 +6,7 @@ tile. Last-dim softmax (inner == 1): lanes are rows, contiguous along the classe
 takes several rows when C is small. Otherwise (STRIDED) a program takes BLOCK_R consecutive inner
 positions of one outer index, so the tile is contiguous along the lanes and loads coalesce there.
 """
+
 import math
 from typing import Any, Tuple
 
@@ -14,16 +15,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (check_dtype, finite_shift, num_warps, on_device, online_lse_update,
-                      tile_shape, upcast)
+from ._common import (
+    check_dtype,
+    finite_shift,
+    num_warps,
+    on_device,
+    online_lse_update,
+    tile_shape,
+    upcast,
+)
 
 #: Most inner positions one program takes in the strided layout (wide tiles coalesce better).
 MAX_BLOCK_LANES = 256
 
 
 @triton.jit
-def _lane_offsets(pid, n_lanes, inner, lane_stride, lane_blocks, STRIDED: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
+def _lane_offsets(
+    pid, n_lanes, inner, lane_stride, lane_blocks, STRIDED: tl.constexpr, BLOCK_R: tl.constexpr
+):
     """Start offsets of this program's lanes and which of them exist."""
     if STRIDED:
         # lane_blocks programs cover the inner positions of one outer index.
@@ -36,12 +45,23 @@ def _lane_offsets(pid, n_lanes, inner, lane_stride, lane_blocks, STRIDED: tl.con
 
 @triton.jit
 def _softmax_fwd_kernel(
-    x_ptr, y_ptr, n_lanes, C, inner, lane_stride, lane_blocks,
-    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr, STRIDED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    n_lanes,
+    C,
+    inner,
+    lane_stride,
+    lane_blocks,
+    LOG: tl.constexpr,
+    IS_F64: tl.constexpr,
+    SINGLE: tl.constexpr,
+    STRIDED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks,
-                                  STRIDED, BLOCK_R)
+    base, lane_ok = _lane_offsets(
+        tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R
+    )
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
     s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
@@ -97,12 +117,24 @@ def _softmax_bwd_grad(g, y, r, LOG: tl.constexpr):
 
 @triton.jit
 def _softmax_bwd_kernel(
-    g_ptr, y_ptr, gi_ptr, n_lanes, C, inner, lane_stride, lane_blocks,
-    LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr, STRIDED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr,
+    y_ptr,
+    gi_ptr,
+    n_lanes,
+    C,
+    inner,
+    lane_stride,
+    lane_blocks,
+    LOG: tl.constexpr,
+    IS_F64: tl.constexpr,
+    SINGLE: tl.constexpr,
+    STRIDED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks,
-                                  STRIDED, BLOCK_R)
+    base, lane_ok = _lane_offsets(
+        tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R
+    )
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
         mask = lane_ok[:, None] & (cols[None, :] < C)
@@ -135,7 +167,7 @@ def _geometry(t: Tensor, dim: int) -> Tuple[int, int, int]:
     """(outer, C, inner) of a contiguous tensor around ``dim``."""
     if t.dim() == 0:
         return 1, 1, 1
-    return math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1:])
+    return math.prod(t.shape[:dim]), t.shape[dim], math.prod(t.shape[dim + 1 :])
 
 
 def _launch(kernel: Any, tensors: Tuple[Tensor, ...], out: Tensor, dim: int, log: bool) -> Tensor:
@@ -143,16 +175,27 @@ def _launch(kernel: Any, tensors: Tuple[Tensor, ...], out: Tensor, dim: int, log
     if out.numel() == 0:
         return out
     strided = inner > 1
-    block_r, block_c, single = tile_shape(inner if strided else outer, n_classes,
-                                          max_rows=MAX_BLOCK_LANES if strided else None)
+    block_r, block_c, single = tile_shape(
+        inner if strided else outer, n_classes, max_rows=MAX_BLOCK_LANES if strided else None
+    )
     lane_blocks = triton.cdiv(inner, block_r)
     grid = (outer * lane_blocks if strided else triton.cdiv(outer, block_r),)
     with on_device(out):
         kernel[grid](
-            *tensors, out, outer * inner, n_classes, inner,
-            n_classes * inner if strided else n_classes, lane_blocks,
-            LOG=log, IS_F64=out.dtype == torch.float64, SINGLE=single, STRIDED=strided,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps(block_r, block_c),
+            *tensors,
+            out,
+            outer * inner,
+            n_classes,
+            inner,
+            n_classes * inner if strided else n_classes,
+            lane_blocks,
+            LOG=log,
+            IS_F64=out.dtype == torch.float64,
+            SINGLE=single,
+            STRIDED=strided,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=num_warps(block_r, block_c),
         )
     return out
 
