@@ -5,13 +5,14 @@ wrapped in autograd Functions. The public API mirrors PyTorch's names and signat
 """
 
 from . import _cpp
-from . import ops as _ops  # noqa: F401  (defines the torch.library operators)
+from . import ops as _ops  # defines the torch.library operators
 from .functional import cross_entropy, log_softmax, softmax
 from .nn import CrossEntropyLoss, LogSoftmax, Softmax
 
-# Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once;
-# a missing build is JIT-compiled only when a CPU kernel is first needed.
-_cpp.try_import_built()
+# Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once
+# (a missing build is JIT-compiled only when a CPU kernel is first needed), and resolve the backends
+# so that a first call inside torch.compile finds them ready.
+_ops.warm_kernel_cache(_cpp.try_import_built())
 
 empty_cache = _cpp.empty_cache
 

@@ -127,12 +127,31 @@ _kernel_cache: dict = {}
 
 
 def kernels_for(backend: str, device: torch.device) -> SimpleNamespace:
-    """Cached :func:`resolve_kernels`: called on every op, so the lookup must be cheap."""
+    """Cached :func:`resolve_kernels`: called on every op, so the lookup must be cheap.
+
+    torch.compile traces this function: a hit is a constant to it, while a miss would trace the
+    imports and registrations of :func:`resolve_kernels` and break the graph. The package's import
+    therefore fills the cache for the usual pairs (:func:`warm_kernel_cache`).
+    """
     key = (backend, device.type)
     kernels = _kernel_cache.get(key)
     if kernels is None:
         kernels = _kernel_cache[key] = resolve_kernels(backend, device)
     return kernels
+
+
+def warm_kernel_cache(cpu_kernels_loaded: bool) -> None:
+    """Resolve the backends of the CPU (when the C++ extension is loaded) and CUDA devices now.
+
+    Cheap: the C++ extension is already imported, and the Triton launchers registered for CUDA
+    import Triton only when first called. A C++ extension that is not built yet is JIT-compiled
+    at first use instead, outside any compiled region.
+    """
+    pairs = [("auto", "cuda"), ("triton", "cuda")]
+    if cpu_kernels_loaded:
+        pairs += [("auto", "cpu"), ("cpp", "cpu")]
+    for backend, kind in pairs:
+        kernels_for(backend, torch.device(kind))
 
 
 def resolve_kernels(backend: str, device: torch.device) -> SimpleNamespace:

@@ -5,9 +5,11 @@ has run. On CPU tensors they run through Triton's interpreter (:func:`interprete
 needs ``TRITON_INTERPRET=1`` in the environment before Triton is imported.
 """
 
+import functools
 import os
 import threading
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -19,10 +21,19 @@ _lock = threading.Lock()
 _cuda_lib = None  # the torch.library.Library holding the CUDA registrations; kept alive here
 
 
+@functools.lru_cache(maxsize=None)
 def _launchers() -> SimpleNamespace:
-    from .cross_entropy import ce_index_bwd, ce_index_fwd
-    from .soft_cross_entropy import ce_soft_bwd, ce_soft_fwd
-    from .softmax import softmax_bwd, softmax_fwd
+    try:
+        from .cross_entropy import ce_index_bwd, ce_index_fwd
+        from .soft_cross_entropy import ce_soft_bwd, ce_soft_fwd
+        from .softmax import softmax_bwd, softmax_fwd
+    except ImportError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError(
+            "softmax_ext: CUDA tensors run Triton kernels, and Triton is not installed "
+            "(pip install triton, or softmax_ext[triton]); backend='torch' runs PyTorch's own"
+        ) from e
 
     return SimpleNamespace(
         softmax_fwd=softmax_fwd,
@@ -34,10 +45,21 @@ def _launchers() -> SimpleNamespace:
     )
 
 
+def _lazy_launcher(name: str) -> Callable:
+    """The launcher ``name``, imported (with Triton) at its first call rather than now."""
+
+    def launch(*args):
+        return getattr(_launchers(), name)(*args)
+
+    launch.__name__ = launch.__qualname__ = name
+    return launch
+
+
 def register_cuda_kernels() -> None:
     """Register the Triton launchers as the CUDA kernels of the six softmax_ext operators.
 
-    Idempotent and thread-safe; afterwards ``torch.ops.softmax_ext.*`` on CUDA tensors (and
+    Idempotent, thread-safe and cheap (Triton is imported at the first CUDA call, not here), so
+    the package's import runs it; afterwards ``torch.ops.softmax_ext.*`` on CUDA tensors (and
     ``backend="auto"``) run these kernels.
     """
     global _cuda_lib
@@ -46,10 +68,9 @@ def register_cuda_kernels() -> None:
     with _lock:
         if _cuda_lib is not None:
             return
-        launchers = _launchers()
         lib = torch.library.Library(_ops.NAMESPACE, "IMPL")
         for name in OPS:
-            lib.impl(name, getattr(launchers, name), "CUDA")
+            lib.impl(name, _lazy_launcher(name), "CUDA")
         _cuda_lib = lib
 
 
