@@ -49,14 +49,17 @@ compile-gpu: $(BUILT)
 	$(PY) tools/compile_gpu.py
 
 # The oldest supported set (requirements-compat.lock, Python $(COMPAT_PYTHON) where installed): a copy
-# of this tree in $(COMPAT_DIR) with its own .venv (kept between runs), so the two builds of the
-# extension never overwrite each other; then the same test targets there.
+# of this tree in $(COMPAT_DIR) with its own .venv, so the two builds of the extension never
+# overwrite each other; then the same test targets there. The copy is refreshed each time (files
+# gone from here go there too) but keeps its .venv, build/ and built extension: tar keeps the
+# sources' times, so make rebuilds only what changed.
 test-compat:
 	mkdir -p $(COMPAT_DIR)
-	find $(COMPAT_DIR) -mindepth 1 -maxdepth 1 ! -name .venv ! -name build -exec rm -rf {} +
+	find $(COMPAT_DIR) -mindepth 1 \( -path $(COMPAT_DIR)/.venv -o -path $(COMPAT_DIR)/build \) \
+	  -prune -o -type f ! -name '*.so' -print0 | xargs -0 rm -f
 	git ls-files -z --cached --others --exclude-standard | grep -zv '^$(COMPAT_DIR)/' \
 	  | tar --null -T - -cf - | tar -xf - -C $(COMPAT_DIR)
-	$(MAKE) -C $(COMPAT_DIR) compile-gpu test-cpp test-triton LOCK=requirements-compat.lock \
+	$(MAKE) -C $(COMPAT_DIR) test-cpp test-triton compile-gpu LOCK=requirements-compat.lock \
 	  PYTHON="$$($(PYTHON) tools/find_python.py $(COMPAT_PYTHON))"
 
 # ruff (lint and format) for Python, clang-format for csrc/; `make format` applies both.
