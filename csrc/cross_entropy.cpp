@@ -144,6 +144,9 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   int64_t tv[kLanes];
   const int64_t C = a.C;
   const float* w = static_cast<const float*>(a.w);
+  // The weights of all classes enter only the smoothing term: without it, a non-finite weight of a
+  // class no target uses must not reach the gradient (0 * inf is NaN), as in torch.
+  const float* ws = a.with_smooth ? w : nullptr;
   for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
     const int64_t i = i0 + l, t = tv[l] = a.target[i * a.target_stride];
     if (t == a.ignore_index) continue;
@@ -152,14 +155,14 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
     gtv[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
     hv[l] = static_cast<float>(a.lse[i]);
     lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
-    av[l] = gtv[l] + gs * static_cast<float>(a.W);
+    av[l] = a.with_smooth ? gtv[l] + gs * static_cast<float>(a.W) : gtv[l];
     gv[l] = gs;
   }
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
   const vf vh = loadu(hv), vl = loadu(lv), va = loadu(av), vg = loadu(gv);
   for (int64_t c = 0; c < C; ++c) {
     const vf p = vexp_shifted((loadu(xt + c * kLanes) - vh) - vl);
-    storeu(xt + c * kLanes, va * p - (w ? vg * w[c] : vg));
+    storeu(xt + c * kLanes, va * p - (ws ? vg * ws[c] : vg));
   }
   for (int64_t l = 0; l < k; ++l) {
     T* gr = static_cast<T*>(a.gx) + (i0 + l) * C;
@@ -185,6 +188,7 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
   }
   alignas(64) A xbuf[kChunk], obuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
+  const A* ws = a.with_smooth ? w : nullptr;  // as in the block path: weights only for smoothing
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     T* gr = static_cast<T*>(a.gx) + i * a.C;
@@ -196,14 +200,14 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
     const A gn = static_cast<const A*>(a.grad_nll)[i * a.gn_stride];
     const A gs = a.with_smooth ? static_cast<const A*>(a.grad_smooth)[i * a.gs_stride] : A(0);
     const A gt = gn * (w ? w[t] : A(1));  // weight of the true-class term
-    const A alpha = gt + gs * static_cast<A>(a.W);
+    const A alpha = a.with_smooth ? gt + gs * static_cast<A>(a.W) : gt;
     const A hi = static_cast<A>(a.lse[i]);
     const A lo = static_cast<A>(a.lse[i] - static_cast<double>(hi));
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       A* out = out_chunk(gr + c0, obuf);
       const bool stream = std::is_same_v<T, float> && a.stream;
-      ce_index_grad(to_acc(xr + c0, n, xbuf), w ? w + c0 : nullptr, n, hi, lo, alpha, gs, out,
+      ce_index_grad(to_acc(xr + c0, n, xbuf), ws ? ws + c0 : nullptr, n, hi, lo, alpha, gs, out,
                     stream);
       if (t >= c0 && t < c0 + n) out[t - c0] -= gt;  // in the accumulation type, then rounded once
       from_acc(out, n, gr + c0);

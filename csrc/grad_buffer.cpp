@@ -4,6 +4,8 @@
 #include <cstring>
 #include <mutex>
 
+#include <c10/core/InferenceMode.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -48,10 +50,14 @@ at::Tensor reusable_empty(at::IntArrayRef sizes, const at::TensorOptions& option
   if (!enabled() || nbytes < kMinBytes || options.device().type() != c10::DeviceType::CPU) {
     return at::empty(sizes, options);
   }
+  // A buffer made under inference_mode is an inference tensor: handing it out later to an op
+  // whose output autograd saves (or that becomes x.grad) would fail or leak the mode, so a slot
+  // serves only calls in the mode it was made in.
+  const bool inference = c10::InferenceMode::is_enabled();
   std::lock_guard<std::mutex> lock(mu);
   for (at::Tensor& c : cached) {
     if (c.defined() && c.use_count() == 1 && c.storage().use_count() == 1 &&
-        c.dtype() == options.dtype() && c.numel() == numel) {
+        c.dtype() == options.dtype() && c.numel() == numel && c.is_inference() == inference) {
       return c.view(sizes);  // a fresh TensorImpl over the idle storage
     }
   }

@@ -7,7 +7,7 @@ wrapped in autograd Functions. The public API mirrors PyTorch's names and signat
 from . import _cpp
 from . import ops as _ops  # defines the torch.library operators
 from .functional import cross_entropy, log_softmax, softmax
-from .nn import CrossEntropyLoss, LogSoftmax, Softmax
+from .nn import CrossEntropyLoss, LogSoftmax, Softmax, Softmax2d
 
 # Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once
 # (a missing build is JIT-compiled only when a CPU kernel is first needed), and resolve the backends
@@ -24,5 +24,6 @@ __all__ = [
     "CrossEntropyLoss",
     "Softmax",
     "LogSoftmax",
+    "Softmax2d",
 ]
 __version__ = "0.1.0"

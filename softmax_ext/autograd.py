@@ -155,14 +155,21 @@ class CrossEntropySoft(torch.autograd.Function):
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_logits = kernels.ce_soft_bwd(g_rows, logits, target, weight, lse, tsum, eps)
-        if ctx.needs_input_grad[1]:
-            # d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]): rare (distillation with a
-            # learned teacher), so plain tensor ops rather than a kernel.
+        grad_weight = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # Rare (distillation with a learned teacher, learned class weights), so plain tensor
+            # ops on an N x C temporary rather than a kernel:
+            #   d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]) * g
+            #   d loss / d w[c] = sum over rows of q[c] * (lse - x[c]) * g, q the smoothed target
             neg_logp = lse.unsqueeze(1) - logits.to(lse.dtype)
-            if weight is not None:
-                neg_logp = neg_logp * weight
-            grad_target = (neg_logp * (g_rows.unsqueeze(1) * (1.0 - eps))).to(target.dtype)
-        return grad_logits, grad_target, None, None, None, None
+            if ctx.needs_input_grad[2]:
+                q = target.to(lse.dtype) * (1.0 - eps) + eps / logits.shape[1]
+                grad_weight = (neg_logp * q * g_rows.unsqueeze(1)).sum(0).to(weight.dtype)
+            if ctx.needs_input_grad[1]:
+                if weight is not None:
+                    neg_logp = neg_logp * weight
+                grad_target = (neg_logp * (g_rows.unsqueeze(1) * (1.0 - eps))).to(target.dtype)
+        return grad_logits, grad_target, grad_weight, None, None, None
 
 
 class Softmax(torch.autograd.Function):

@@ -13,12 +13,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import _reduction as _Reduction
 
 from . import autograd as _ag
 from .ops import BACKENDS, acc_dtype, kernels_for
 
-_REDUCTIONS = ("none", "mean", "sum")
-_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's at::Reduction
+_REDUCTIONS = ("none", "mean", "sum")  # in the order of torch's at::Reduction enum
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _check_backend(backend: str) -> None:
@@ -84,19 +87,28 @@ def _rows_view(input: Tensor) -> Tensor:
     spatial inputs move the class dim last, which copies unless they are channels-last.
     """
     if input.dim() == 1:
-        return input.unsqueeze(0)
-    if input.dim() > 2:
+        input = input.unsqueeze(0)
+    elif input.dim() > 2:
         input = input.movedim(1, -1).reshape(-1, input.shape[1])
     if input.stride(1) != 1 and input.shape[1] > 1:
         input = input.contiguous()
     return input
 
 
+def _autocast_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """torch's autocast "fp32" policy: under autocast, float16/bfloat16 tensors run in float32."""
+    if t is not None and t.dtype in _HALF_TYPES and torch.is_autocast_enabled(t.device.type):
+        return t.float()
+    return t
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
     ignore_index: int = -100,
+    reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -104,29 +116,40 @@ def cross_entropy(
 ) -> Tensor:
     """Cross-entropy between logits and class-index or class-probability targets.
 
-    Same arguments, defaults, semantics and exceptions as ``torch.nn.functional.cross_entropy``
-    (deprecated ``size_average``/``reduce`` aside). The loss is computed by fused kernels that keep
-    only the per-row log-sum-exp for the backward pass.
+    Same arguments (in the same order), defaults, semantics and exceptions as
+    ``torch.nn.functional.cross_entropy``, the deprecated ``size_average``/``reduce`` included. The
+    loss is computed by fused kernels that keep only the per-row log-sum-exp for the backward pass.
+    Under autocast, float16/bfloat16 logits are computed in float32, as torch does.
 
     Args:
         input: logits of shape (C,), (N, C) or (N, C, d1, ..., dk); floating point.
         target: class indices (int64 or uint8) of shape (), (N,) or (N, d1, ..., dk), or class
             probabilities of the input's shape.
         weight: optional per-class weights of shape (C,), in the input's dtype.
+        size_average, reduce: deprecated (torch's legacy rules and warning); use ``reduction``.
         ignore_index: a target value that contributes neither loss nor gradient (index targets).
         reduction: "none", "mean" or "sum".
         label_smoothing: amount of smoothing in [0, 1].
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "torch".
     """
     _check_backend(backend)
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
     if backend == "torch":
         return F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+    # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as in torch
+    reduction = _REDUCTIONS[_Reduction.get_enum(reduction)]
+    if label_smoothing != label_smoothing:  # NaN: torch applies smoothing only when it is > 0
+        label_smoothing = 0.0
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(
+            f"ignore_index must fit in a 64-bit signed integer (as torch's), got {ignore_index}"
+        )
+    input, target, weight = _autocast_fp32(input), _autocast_fp32(target), _autocast_fp32(weight)
     if input.dim() == 0:
         raise RuntimeError("cross_entropy: input must have a class dimension, got a 0-d tensor")
     _check_floating(input, "cross_entropy")
@@ -153,7 +176,7 @@ def cross_entropy(
                 f"weight tensor should be defined either for all {n_classes} classes or no "
                 f"classes but got weight tensor of shape: {list(weight.shape)}"
             )
-        if weight.dtype != input.dtype:
+        if weight.dtype != input.dtype and not soft:  # soft targets promote, as in torch
             raise RuntimeError(
                 f"expected scalar type {_dtype_name(input.dtype)} but found "
                 f"{_dtype_name(weight.dtype)}"
@@ -163,17 +186,20 @@ def cross_entropy(
                 f"Expected all tensors to be on the same device, but found input on "
                 f"{input.device} and weight on {weight.device}"
             )
-        if weight.requires_grad and torch.is_grad_enabled():
-            # the kernels give no gradient for the class weights: refuse rather than leave
-            # weight.grad silently empty
-            raise NotImplementedError(
-                "softmax_ext.cross_entropy: no gradient with respect to weight; pass "
-                "weight.detach(), or use backend='torch' to learn class weights"
+        if weight.requires_grad and torch.is_grad_enabled() and not soft:
+            # torch's nll_loss has no gradient for the class weights either (soft targets do)
+            raise RuntimeError(
+                "The function 'nll_loss_forward' is not differentiable with respect to argument "
+                "'weight'. This input cannot have requires_grad True."
             )
 
     if soft:
         dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
         input, target = input.to(dtype), target.to(dtype)
+        if n_classes == 0:  # nothing for a kernel to do: torch's -0 per row, NaN mean
+            return F.cross_entropy(input, target, weight, reduction=reduction)
     kernels = kernels_for(backend, input.device)
     logits = _rows_view(input)
     w = None if weight is None else weight.to(acc_dtype(input.dtype))
@@ -203,24 +229,38 @@ def cross_entropy(
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
-def _softmax_dim(ndim: int) -> int:
+def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     warnings.warn(
-        "Implicit dimension choice for softmax has been deprecated. Change the call to include "
+        f"Implicit dimension choice for {name} has been deprecated. Change the call to include "
         "dim=X as an argument.",
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return 0 if ndim in (0, 1, 3) else 1
 
 
 def _softmax_common(
-    input: Tensor, dim: Optional[int], dtype: Optional[torch.dtype], backend: str, log: bool
+    input: Tensor,
+    dim: Optional[int],
+    stacklevel: int,
+    dtype: Optional[torch.dtype],
+    backend: str,
+    log: bool,
 ) -> Tensor:
     _check_backend(backend)
     if dim is None:
-        dim = _softmax_dim(input.dim())
+        # torch counts from its F.softmax; one more frame here (this function) to the caller's
+        dim = _softmax_dim("log_softmax" if log else "softmax", input.dim(), stacklevel + 1)
     if backend == "torch":
         fn = F.log_softmax if log else F.softmax
         return fn(input, dim, dtype=dtype)
+    if (
+        dtype is None
+        and input.dtype in _HALF_TYPES
+        and input.device.type == "cuda"
+        and torch.is_autocast_enabled("cuda")
+    ):
+        # torch's CUDA autocast runs softmax and log_softmax in float32 (on CPU it leaves them)
+        dtype = torch.float32
     if dtype is not None:
         input = input.to(dtype)
     _check_floating(input, "log_softmax" if log else "softmax")
@@ -241,20 +281,23 @@ def _softmax_common(
 def softmax(
     input: Tensor,
     dim: Optional[int] = None,
+    _stacklevel: int = 3,
     dtype: Optional[torch.dtype] = None,
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Softmax along ``dim``, as ``torch.nn.functional.softmax`` (``dtype`` casts the input)."""
-    return _softmax_common(input, dim, dtype, backend, log=False)
+    """Softmax along ``dim``, as ``torch.nn.functional.softmax`` (same arguments in the same
+    order; ``dtype`` casts the input; ``_stacklevel`` places the implicit-dim warning)."""
+    return _softmax_common(input, dim, _stacklevel, dtype, backend, log=False)
 
 
 def log_softmax(
     input: Tensor,
     dim: Optional[int] = None,
+    _stacklevel: int = 3,
     dtype: Optional[torch.dtype] = None,
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """Log-softmax along ``dim``, as ``torch.nn.functional.log_softmax``."""
-    return _softmax_common(input, dim, dtype, backend, log=True)
+    """Log-softmax along ``dim``, as ``torch.nn.functional.log_softmax`` (same arguments)."""
+    return _softmax_common(input, dim, _stacklevel, dtype, backend, log=True)

@@ -1,4 +1,4 @@
-"""Modules: drop-in replacements for torch.nn.CrossEntropyLoss, Softmax and LogSoftmax.
+"""Modules: drop-in replacements for torch.nn.CrossEntropyLoss, Softmax, LogSoftmax, Softmax2d.
 
 Each subclasses its PyTorch twin, so ``isinstance`` checks, ``state_dict`` keys (``weight`` is a
 buffer), ``.to()`` and ``repr`` behave exactly as with PyTorch's module.
@@ -17,14 +17,17 @@ from . import functional as SF
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by softmax_ext's fused kernels.
 
-    Args are PyTorch's (``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``) plus the
+    Args are PyTorch's, in its order (``weight``, ``size_average``, ``ignore_index``, ``reduce``,
+    ``reduction``, ``label_smoothing``; the deprecated two as torch handles them), plus the
     keyword-only ``backend`` ("auto", "cpp", "triton" or "torch").
     """
 
     def __init__(
         self,
         weight: Optional[Tensor] = None,
+        size_average: Optional[bool] = None,
         ignore_index: int = -100,
+        reduce: Optional[bool] = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -32,7 +35,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ) -> None:
         super().__init__(
             weight=weight,
+            size_average=size_average,
             ignore_index=ignore_index,
+            reduce=reduce,
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
@@ -44,9 +49,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             input,
             target,
             self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
             backend=self.backend,
         )
 
@@ -60,7 +65,7 @@ class Softmax(torch.nn.Softmax):
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        return SF.softmax(input, self.dim, backend=self.backend)
+        return SF.softmax(input, self.dim, _stacklevel=5, backend=self.backend)
 
 
 class LogSoftmax(torch.nn.LogSoftmax):
@@ -72,4 +77,21 @@ class LogSoftmax(torch.nn.LogSoftmax):
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        return SF.log_softmax(input, self.dim, backend=self.backend)
+        return SF.log_softmax(input, self.dim, _stacklevel=5, backend=self.backend)
+
+
+class Softmax2d(torch.nn.Softmax2d):
+    """``torch.nn.Softmax2d`` (softmax over the channels of (N, C, H, W) or (C, H, W) inputs)
+    computed by softmax_ext's kernels."""
+
+    def __init__(self, *, backend: str = "auto") -> None:
+        super().__init__()
+        SF._check_backend(backend)
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() not in (3, 4):
+            raise ValueError(
+                f"Softmax2d: expected input to be 3D or 4D, got {input.dim()}D instead"
+            )
+        return SF.softmax(input, -3, _stacklevel=5, backend=self.backend)

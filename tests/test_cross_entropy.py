@@ -305,3 +305,26 @@ def test_float32_hostile_and_nonfinite_rows(n_classes, backend, device):
         assert_no_worse_than_torch(ours[finite], theirs[finite], ref[finite], atol=8 * eps * 1e4)
         gfinite = gref.isfinite().all(1)
         assert_no_worse_than_torch(ga[gfinite], gb[gfinite], gref[gfinite], atol=4 * eps)
+
+
+@pytest.mark.parametrize("n_classes", [5, 100, 5000])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_non_finite_weight_of_an_unused_class(n_classes, bad, reduction, backend, device):
+    # weight = 1 / class_counts with a class absent from the data: torch's loss and gradient stay
+    # finite (the class weights enter only the smoothing term); a used class's row alone is NaN.
+    x = torch.randn(6, n_classes, dtype=torch.float32, device=device, requires_grad=True)
+    w = torch.ones(n_classes, device=device)
+    w[2] = bad
+    for t in ([0, 1, 0, 1, 3, 4], [0, 1, 2, 1, 3, 4]):  # class 2 unused, then used once
+        t = torch.tensor(t, device=device)
+        out = []
+        for fn, kw in ((se.cross_entropy, {"backend": backend}), (F.cross_entropy, {})):
+            loss = fn(x, t, weight=w, reduction=reduction, **kw)
+            (g,) = torch.autograd.grad(loss.sum(), x)
+            out.append((loss.detach(), g))
+        (ours, g_ours), (theirs, g_theirs) = out
+        assert_same_nonfinite(ours, theirs)
+        assert_same_nonfinite(g_ours, g_theirs)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)
