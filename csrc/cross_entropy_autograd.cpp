@@ -56,6 +56,14 @@ struct LossAndState {
   at::Tensor loss, lse, denom;
 };
 
+// The number of classes as a plain integer. Under torch.compile and export these functions also run
+// on fake tensors with symbolic shapes: the row count stays symbolic (sym_size everywhere), so a
+// graph serves every batch size; the class count is a constant of the model, and guarding on it
+// here is what makes it one.
+int64_t class_count(const at::Tensor& logits) {
+  return logits.sym_size(1).guard_int(__FILE__, __LINE__);
+}
+
 LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
                           const at::Tensor& weight, int64_t ignore_index, double eps,
                           int64_t reduction) {
@@ -64,7 +72,7 @@ LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
       fwd_op().call(logits, target, defined_or_none(weight), ignore_index, with_smooth);
   at::Tensor rows = nll;
   if (with_smooth)
-    rows = nll.mul(1.0 - eps).add_(smooth, eps / static_cast<double>(logits.size(1)));
+    rows = nll.mul(1.0 - eps).add_(smooth, eps / static_cast<double>(class_count(logits)));
   at::Tensor denom;
   switch (reduction) {
     case at::Reduction::None:
@@ -72,7 +80,7 @@ LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
     case at::Reduction::Sum:
       return {rows.sum(), lse, denom};
     case at::Reduction::Mean:
-      denom = mean_denominator(target, weight, ignore_index, logits.size(1));
+      denom = mean_denominator(target, weight, ignore_index, class_count(logits));
       return {rows.sum().div_(denom), lse, denom};
     default:
       TORCH_CHECK_VALUE(false, "softmax_ext::cross_entropy_index: unknown reduction ", reduction);
@@ -81,11 +89,11 @@ LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
 
 // d loss / d per-row term, scaled by coef: grad itself ('none') or a stride-0 expansion of a
 // scalar.
-at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, int64_t rows,
+at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, const c10::SymInt& rows,
                      const at::Tensor& denom, double coef) {
   at::Tensor g = reduction == at::Reduction::Mean ? grad.div(denom) : grad;
   if (coef != 1.0) g = g.mul(coef);
-  return reduction == at::Reduction::None ? g : g.expand({rows});
+  return reduction == at::Reduction::None ? g : g.expand_symint({rows});
 }
 
 // Stands between a gradient computed without a graph and its use in a graph (backward with
@@ -123,7 +131,8 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const int64_t rows = logits.size(0), n_classes = logits.size(1);
+    const c10::SymInt rows = logits.sym_size(0);
+    const int64_t n_classes = class_count(logits);
     const bool with_smooth = eps > 0.0, create_graph = at::GradMode::is_enabled();
     at::Tensor grad_logits;
     {

@@ -7,13 +7,13 @@ backward receives one scalar and hands the kernels a stride-0 per-row scale.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 
-def _reduce(loss_rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
+def _reduce(loss_rows: Tensor, reduction: str, denom: Union[Tensor, int, None]) -> Tensor:
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
@@ -21,7 +21,7 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tenso
 
 
 def _row_scale(
-    grad: Tensor, reduction: str, rows: int, denom: Optional[Tensor], coef: float
+    grad: Tensor, reduction: str, rows: int, denom: Union[Tensor, int, None], coef: float
 ) -> Tensor:
     """Per-row d loss / d row-loss: grad itself ('none') or a stride-0 expansion of a scalar.
 
@@ -136,21 +136,18 @@ class CrossEntropySoft(torch.autograd.Function):
         kernels: Any,
     ) -> Tensor:
         loss, lse, tsum = kernels.ce_soft_fwd(logits, target, weight, label_smoothing)
-        # PyTorch divides a soft-target mean by the number of rows, weighted or not.
-        denom = (
-            logits.new_tensor(float(logits.shape[0]), dtype=loss.dtype)
-            if reduction == "mean"
-            else None
-        )
-        ctx.save_for_backward(logits, target, weight, lse, tsum, denom)
-        ctx.meta = (label_smoothing, reduction, kernels)
+        # PyTorch divides a soft-target mean by the number of rows, weighted or not. Kept as the
+        # size itself (not a tensor made from it), so that it stays symbolic under torch.compile.
+        denom = logits.shape[0] if reduction == "mean" else None
+        ctx.save_for_backward(logits, target, weight, lse, tsum)
+        ctx.meta = (label_smoothing, reduction, kernels, denom)
         return _reduce(loss, reduction, denom)
 
     @staticmethod
     @_first_order_only
     def backward(ctx: Any, grad: Tensor):
-        logits, target, weight, lse, tsum, denom = ctx.saved_tensors
-        eps, reduction, kernels = ctx.meta
+        logits, target, weight, lse, tsum = ctx.saved_tensors
+        eps, reduction, kernels, denom = ctx.meta
         g_rows = _row_scale(grad, reduction, logits.shape[0], denom, 1.0)
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
