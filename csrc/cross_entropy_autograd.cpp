@@ -96,20 +96,18 @@ at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, const c10::SymIn
   return reduction == at::Reduction::None ? g : g.expand_symint({rows});
 }
 
-// Stands between a gradient computed without a graph and its use in a graph (backward with
-// create_graph=True): differentiating through it raises, instead of silently giving no second-order
-// term (the per-row kernels have no derivative of their own).
-struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
-  static at::Tensor forward(AutogradContext*, const at::Tensor& grad,
-                            const at::Tensor& /*logits*/) {
-    return grad.clone();
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "softmax_ext: cross_entropy has no second derivative (double backward); "
-                "use backend='torch' where one is needed");
-  }
-};
+// The backward as torch's own, for backward with create_graph=True: torch's cross-entropy of the
+// saved logits, differentiated with a graph, gives exactly its second derivatives (and gradients
+// with respect to the incoming gradient). Only double backward pays for this; the first-order path
+// builds no graph and calls the kernels.
+at::Tensor differentiable_grad(const at::Tensor& grad, const at::Tensor& logits,
+                               const at::Tensor& target, const at::Tensor& w, int64_t ignore_index,
+                               double eps, int64_t reduction) {
+  const at::Tensor loss = at::cross_entropy_loss(logits.to(grad.scalar_type()), target,
+                                                 defined_or_none(w), reduction, ignore_index, eps);
+  return torch::autograd::grad({loss}, {logits}, {grad}, /*retain_graph=*/true,
+                               /*create_graph=*/true)[0];
+}
 
 struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropyIndexFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -133,10 +131,11 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const c10::SymInt rows = logits.sym_size(0);
     const int64_t n_classes = class_count(logits);
-    const bool with_smooth = eps > 0.0, create_graph = at::GradMode::is_enabled();
+    const bool with_smooth = eps > 0.0;
     at::Tensor grad_logits;
-    {
-      at::NoGradGuard no_grad;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      grad_logits = differentiable_grad(grads[0], logits, target, w, ignore_index, eps, reduction);
+    } else {
       const at::Tensor g_nll = row_scale(grads[0], reduction, rows, denom, 1.0 - eps);
       const at::Tensor g_smooth = with_smooth ? row_scale(grads[0], reduction, rows, denom,
                                                           eps / static_cast<double>(n_classes))
@@ -144,7 +143,6 @@ struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropy
       grad_logits = bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse,
                                   ignore_index, with_smooth);
     }
-    if (create_graph) grad_logits = NoSecondDerivative::apply(grad_logits, logits);
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

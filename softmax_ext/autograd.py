@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -35,39 +36,29 @@ def _row_scale(
     return grad if reduction == "none" else grad.expand(rows)
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """Stands between a gradient computed without a graph and its use in one (backward with
-    create_graph=True): differentiating through it raises instead of silently giving no
-    second-order term. ``like`` is the input that needs a gradient, so that a graph exists even
-    when the incoming gradient needs none (torch's ``once_differentiable`` keys on the latter)."""
-
-    @staticmethod
-    def forward(ctx: Any, grad: Tensor, like: Tensor) -> Tensor:
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor):
-        raise RuntimeError(
-            "softmax_ext: softmax and cross_entropy have no second derivative "
-            "(double backward); use backend='torch' where one is needed"
-        )
+def _create_graph() -> bool:
+    """Whether this backward must itself be differentiable (backward with create_graph=True)."""
+    return torch.is_grad_enabled()
 
 
-def _first_order_only(backward):
-    """Run a Function's backward without a graph; under create_graph, guard its gradients."""
+def _torch_ce_backward(ctx: Any, grad: Tensor, loss_fn) -> tuple:
+    """The backward of a cross-entropy Function as torch's own, for create_graph=True.
 
-    def wrapped(ctx: Any, *grads: Tensor):
-        create_graph = torch.is_grad_enabled()
-        with torch.no_grad():
-            out = backward(ctx, *grads)
-        if not create_graph:
-            return out
-        like = ctx.saved_tensors[0]
-        return tuple(
-            _NoSecondDerivative.apply(g, like) if isinstance(g, Tensor) else g for g in out
-        )
-
-    return wrapped
+    ``loss_fn(logits, target, weight)`` recomputes the Function's output with torch's differentiable
+    ops; differentiating it with create_graph gives exactly torch's second derivatives (and
+    gradients with respect to the incoming gradient). Only double backward pays for this: the
+    first-order path never builds a graph and uses the kernels.
+    """
+    inputs = ctx.saved_tensors[:3]
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    loss = loss_fn(*inputs)
+    found = torch.autograd.grad(
+        loss, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True
+    )
+    out = [None] * 3
+    for i, g in zip(wanted, found, strict=True):
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(out)
 
 
 class CrossEntropyIndex(torch.autograd.Function):
@@ -106,10 +97,23 @@ class CrossEntropyIndex(torch.autograd.Function):
         return _reduce(rows, reduction, denom)
 
     @staticmethod
-    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
-        logits, target, weight, lse, denom = ctx.saved_tensors
         ignore_index, eps, reduction, kernels = ctx.meta
+        if _create_graph():
+            return (
+                *_torch_ce_backward(
+                    ctx,
+                    grad,
+                    lambda x, t, w: F.cross_entropy(
+                        x.to(grad.dtype), t, w, None, ignore_index, None, reduction, eps
+                    ),
+                ),
+                None,
+                None,
+                None,
+                None,
+            )
+        logits, target, weight, lse, denom = ctx.saved_tensors
         n_rows, n_classes = logits.shape
         with_smooth = eps > 0.0
         g_nll = _row_scale(grad, reduction, n_rows, denom, 1.0 - eps)
@@ -144,10 +148,26 @@ class CrossEntropySoft(torch.autograd.Function):
         return _reduce(loss, reduction, denom)
 
     @staticmethod
-    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
-        logits, target, weight, lse, tsum = ctx.saved_tensors
         eps, reduction, kernels, denom = ctx.meta
+        if _create_graph():
+            return (
+                *_torch_ce_backward(
+                    ctx,
+                    grad,
+                    lambda x, t, w: F.cross_entropy(
+                        x.to(grad.dtype),
+                        t.to(grad.dtype),
+                        w,
+                        reduction=reduction,
+                        label_smoothing=eps,
+                    ),
+                ),
+                None,
+                None,
+                None,
+            )
+        logits, target, weight, lse, tsum = ctx.saved_tensors
         g_rows = _row_scale(grad, reduction, logits.shape[0], denom, 1.0)
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
@@ -180,8 +200,14 @@ class Softmax(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_first_order_only
     def backward(ctx: Any, grad: Tensor):
         (out,) = ctx.saved_tensors
         dim, log, kernels = ctx.meta
+        if _create_graph():
+            # differentiable in grad and in out (which leads back here, first order, for x)
+            if log:
+                grad_in = grad - out.exp() * grad.sum(dim, keepdim=True)
+            else:
+                grad_in = out * (grad - (grad * out).sum(dim, keepdim=True))
+            return grad_in, None, None, None
         return kernels.softmax_bwd(grad.contiguous(), out, dim, log), None, None, None
