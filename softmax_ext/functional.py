@@ -202,7 +202,8 @@ def cross_entropy(
             return F.cross_entropy(input, target, weight, reduction=reduction)
     kernels = kernels_for(backend, input.device)
     logits = _rows_view(input)
-    w = None if weight is None else weight.to(acc_dtype(input.dtype))
+    # the kernels index the class weights as a contiguous vector
+    w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
     if soft:
         loss = _ag.CrossEntropySoft.apply(
             logits, _rows_view(target), w, float(label_smoothing), reduction, kernels
