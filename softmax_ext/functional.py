@@ -29,6 +29,19 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _torch_serves(backend: str) -> bool:
+    """Whether PyTorch's own implementation runs this call instead of the fused kernels.
+
+    Besides ``backend="torch"``: under ``torch.jit.trace`` (a traced graph must hold ops that
+    TorchScript can save and load anywhere; Python autograd Functions cannot be saved), and under
+    ``torch.func`` transforms (grad, vjp, jacrev, vmap: the kernels' autograd Functions and C++
+    node have no functorch rules yet). Both give torch's values, with torch's speed.
+    """
+    return (
+        backend == "torch" or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+    )
+
+
 def _check_floating(input: Tensor, op: str) -> None:
     if not input.is_floating_point():
         raise NotImplementedError(
@@ -135,7 +148,7 @@ def cross_entropy(
     _check_backend(backend)
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if backend == "torch":
+    if _torch_serves(backend):
         return F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
@@ -251,7 +264,7 @@ def _softmax_common(
     if dim is None:
         # torch counts from its F.softmax; one more frame here (this function) to the caller's
         dim = _softmax_dim("log_softmax" if log else "softmax", input.dim(), stacklevel + 1)
-    if backend == "torch":
+    if _torch_serves(backend):
         fn = F.log_softmax if log else F.softmax
         return fn(input, dim, dtype=dtype)
     if (

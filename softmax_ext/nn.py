@@ -44,6 +44,16 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         SF._check_backend(backend)
         self.backend = backend
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """TorchScript cannot compile softmax_ext's Python layer: torch.jit.script gets torch's own
+        module with the same configuration (and the same ``weight`` buffer) instead."""
+        return torch.nn.CrossEntropyLoss(
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return SF.cross_entropy(
             input,
@@ -64,6 +74,10 @@ class Softmax(torch.nn.Softmax):
         SF._check_backend(backend)
         self.backend = backend
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """torch.jit.script gets torch's own module (see CrossEntropyLoss)."""
+        return torch.nn.Softmax(self.dim)
+
     def forward(self, input: Tensor) -> Tensor:
         return SF.softmax(input, self.dim, _stacklevel=5, backend=self.backend)
 
@@ -75,6 +89,10 @@ class LogSoftmax(torch.nn.LogSoftmax):
         super().__init__(dim)
         SF._check_backend(backend)
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """torch.jit.script gets torch's own module (see CrossEntropyLoss)."""
+        return torch.nn.LogSoftmax(self.dim)
 
     def forward(self, input: Tensor) -> Tensor:
         return SF.log_softmax(input, self.dim, _stacklevel=5, backend=self.backend)
@@ -88,6 +106,10 @@ class Softmax2d(torch.nn.Softmax2d):
         super().__init__()
         SF._check_backend(backend)
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """torch.jit.script gets torch's own module (see CrossEntropyLoss)."""
+        return torch.nn.Softmax2d()
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in (3, 4):

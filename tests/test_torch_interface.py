@@ -235,3 +235,69 @@ def test_class_weight_requiring_grad_with_index_targets_raises_as_torch():
         torch.testing.assert_close(
             se.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w)
         )
+
+
+# ---- torch.func and TorchScript ----------------------------------------------------------------
+
+FUNC_CASES = {
+    "cross_entropy_index": (
+        lambda x: se.cross_entropy(x, torch.tensor([0, 2, 1, 4]), label_smoothing=0.1),
+        lambda x: F.cross_entropy(x, torch.tensor([0, 2, 1, 4]), label_smoothing=0.1),
+    ),
+    "cross_entropy_soft": (
+        lambda x: se.cross_entropy(x, torch.full((4, 5), 0.2, dtype=torch.float64)),
+        lambda x: F.cross_entropy(x, torch.full((4, 5), 0.2, dtype=torch.float64)),
+    ),
+    "softmax": (lambda x: se.softmax(x, 1)[:, 0].sum(), lambda x: F.softmax(x, 1)[:, 0].sum()),
+    "log_softmax": (
+        lambda x: se.log_softmax(x, 0)[1].sum(),
+        lambda x: F.log_softmax(x, 0)[1].sum(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNC_CASES))
+def test_torch_func_transforms(name):
+    ours, theirs = FUNC_CASES[name]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.grad(ours)(x), torch.func.grad(theirs)(x))
+    (_, vjp_ours), (_, vjp_theirs) = torch.func.vjp(ours, x), torch.func.vjp(theirs, x)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(vjp_ours(one), vjp_theirs(one))
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x))
+    batch = torch.randn(3, 4, 5, dtype=torch.float64)  # per-sample gradients
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(ours))(batch),
+        torch.func.vmap(torch.func.grad(theirs))(batch),
+    )
+
+
+MODULE_CASES = {
+    "CrossEntropyLoss": (
+        lambda: se.CrossEntropyLoss(torch.rand(5) + 0.5, label_smoothing=0.1),
+        (torch.randn(4, 5), torch.tensor([0, 2, 1, 4])),
+    ),
+    "CrossEntropyLoss_soft": (
+        lambda: se.CrossEntropyLoss(),
+        (torch.randn(4, 5), torch.rand(4, 5).softmax(1)),
+    ),
+    "Softmax": (lambda: se.Softmax(dim=1), (torch.randn(4, 5),)),
+    "LogSoftmax": (lambda: se.LogSoftmax(dim=1), (torch.randn(4, 5),)),
+    "Softmax2d": (lambda: se.Softmax2d(), (torch.randn(2, 3, 4, 5),)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULE_CASES))
+def test_jit_trace_save_load_and_script(name, tmp_path):
+    make, args = MODULE_CASES[name]
+    module = make()
+    expected = module(*args)
+    traced = torch.jit.trace(module, args)
+    torch.jit.save(traced, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    torch.testing.assert_close(loaded(*args), expected)
+    x = args[0].clone().requires_grad_()
+    loaded(x, *args[1:]).sum().backward()  # still differentiable
+    assert x.grad is not None
+    scripted = torch.jit.script(module)
+    torch.testing.assert_close(scripted(*args), expected)
