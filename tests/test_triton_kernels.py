@@ -17,7 +17,13 @@ pytest.importorskip("triton")
 import softmax_ext  # noqa: E402
 from softmax_ext import ops  # noqa: E402
 from softmax_ext import triton as se_triton  # noqa: E402
-from softmax_ext.triton._common import BLOCK_ENV, max_block_c  # noqa: E402
+from softmax_ext.triton._common import (  # noqa: E402
+    BLOCK_ENV,
+    max_block_c,
+    num_warps,
+    vector_width,
+)
+from softmax_ext.triton.softmax import strided_tile_shape  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -110,6 +116,23 @@ def test_softmax_matches_torch(device, block, shape, dim, log):
     k = kernels(device)
     assert_close(k.softmax_fwd(x, dim, log), ref)
     assert_close(k.softmax_bwd(g, ref, dim, log), xr.grad)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_strided_class_blocks(device, monkeypatch, log):
+    """A class dim that is not last and longer than one tile: a 4-lane x 1024-class tile (float64)
+    walks the classes in blocks, the last one partly masked."""
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    assert strided_tile_shape(5, 1100, 8) == (4, 1024, False)
+    x = torch.randn(3, 1100, 5, dtype=torch.float64, device=device)
+    g = torch.randn_like(x)
+    fn = torch.log_softmax if log else torch.softmax
+    ref = fn(x, 1)
+    xr = x.clone().requires_grad_()
+    fn(xr, 1).backward(g)
+    k = kernels(device)
+    assert_close(k.softmax_fwd(x, 1, log), ref)
+    assert_close(k.softmax_bwd(g, ref, 1, log), xr.grad)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -327,6 +350,60 @@ def test_ce_soft_half_types(device, dtype):
     grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.1)
     assert grad.dtype == dtype
     assert_close(grad, r_grad, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- vector widths and tiles
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vector_width_views(device, block, dtype):
+    """Rows of 12 classes inside rows of 20 (VEC 2 for float64, 4 for float32), starting at
+    a 16-byte boundary: the kernels' aligned() rewrites must leave every value unchanged."""
+    n, c = 9, 12
+    assert vector_width(torch.empty((), dtype=dtype).element_size(), c, 20) in (2, 4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 20, dtype=torch.float64, generator=g).to(device, dtype)[:, 4:16]
+    q = torch.rand(n, 20, dtype=torch.float64, generator=g).to(device, dtype)[:, 2:14]
+    t = torch.randint(0, c, (n,), generator=g).to(device)
+    w = torch.rand(c, dtype=torch.float64, generator=g).to(device, x.dtype)
+    gn = torch.randn(n, dtype=x.dtype, device=device)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    k = kernels(device)
+    nll, smooth, lse = k.ce_index_fwd(x, t, w, -100, True)
+    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, w, -100, gn, gn)
+    assert_close(nll, r_nll, **tol)
+    assert_close(smooth, r_smooth, **tol)
+    assert_close(k.ce_index_bwd(gn, gn, x, t, w, lse, -100, True), r_grad, **tol)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, w, 0.2)
+    r_loss, _, _, r_sgrad = ref_soft(x, q, w, 0.2, gn)
+    assert_close(loss, r_loss, **tol)
+    assert_close(k.ce_soft_bwd(gn, x, q, w, lse, tsum, 0.2), r_sgrad, **tol)
+    y = k.softmax_fwd(x.contiguous(), 1, False)
+    assert_close(y, torch.softmax(x.double(), 1), **tol)
+
+
+def test_vector_width():
+    assert vector_width(4, 1000, 1000) == 4  # 16 bytes: 128-bit loads
+    assert vector_width(2, 1000, 1000) == 8
+    assert vector_width(4, 10, 10) == 2
+    assert vector_width(2, 10, 20) == 2
+    assert vector_width(4, 12, 20) == 4
+    assert vector_width(4, 12, 0) == 4  # a stride-0 expansion divides by anything
+    assert vector_width(4, 13, 16) == 1
+    assert vector_width(8, 4096) == 2
+
+
+def test_tiles_bound_registers_and_coalesce(monkeypatch):
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    # At most 16 elements per thread of a one-row tile, 8 of a tile of several rows.
+    assert num_warps(1, 8192) == 16 and num_warps(1, 4096) == 8 and num_warps(1, 1024) == 4
+    assert num_warps(128, 16) == 8 and num_warps(4, 1024) == 16 and num_warps(64, 16) == 4
+    # Softmax along a dim that is not last: lanes (contiguous) x classes, at least 32 bytes of
+    # lanes once the classes no longer fit beside them.
+    assert strided_tile_shape(512, 10, 4) == (256, 16, True)
+    assert strided_tile_shape(512, 300, 4) == (8, 512, True)
+    assert strided_tile_shape(512, 1000, 4) == (8, 512, False)
+    assert strided_tile_shape(512, 262144, 2) == (16, 256, False)
+    assert strided_tile_shape(20, 1500, 8) == (4, 1024, False)
+    assert strided_tile_shape(3, 1000, 4) == (4, 1024, True)  # few lanes: the whole vector
 
 
 # ---------------------------------------------------------------- plumbing

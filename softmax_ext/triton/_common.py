@@ -37,24 +37,46 @@ def max_block_c() -> int:
     return value
 
 
-def tile_shape(
-    n_rows: int, n_classes: int, max_rows: Optional[int] = None
-) -> Tuple[int, int, bool]:
+def tile_shape(n_rows: int, n_classes: int) -> Tuple[int, int, bool]:
     """(BLOCK_R, BLOCK_C, SINGLE) for ``n_rows`` rows of ``n_classes`` classes.
 
     SINGLE is true when a whole row fits in one class block, so the row is loaded only once.
-    ``max_rows`` caps BLOCK_R (default :data:`MAX_BLOCK_R`).
+    BLOCK_R is at most :data:`MAX_BLOCK_R`. (Softmax along a dim that is not last has its own,
+    ``softmax.strided_tile_shape``.)
     """
     cap = max_block_c()
     block_c = min(triton.next_power_of_2(max(n_classes, 1)), cap)
-    block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, max_rows or MAX_BLOCK_R)
+    block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, MAX_BLOCK_R)
     return max(1, block_r), block_c, n_classes <= block_c
 
 
 def num_warps(block_r: int, block_c: int) -> int:
-    """Warps for a tile: enough threads to keep each thread's share of the tile small."""
-    size = block_r * block_c
-    return 4 if size <= 2048 else 8 if size <= 8192 else 16
+    """Warps for a tile (4 to 16): enough threads that each holds at most 16 elements of a one-row
+    tile, or 8 of a tile of several rows, whose per-row values (target, scale, log-sum-exp, row
+    offsets) each thread also keeps for every row it touches. Short rows with 4 warps took 200 to
+    250 registers in the backward kernels; `make compile-gpu` shows the counts."""
+    per_thread = 16 if block_r == 1 else 8
+    return max(4, min(16, block_r * block_c // (32 * per_thread)))
+
+
+#: Widest global access of one thread, in bytes (128-bit loads and stores).
+VECTOR_BYTES = 16
+
+
+def vector_width(element_size: int, *extents: int) -> int:
+    """The VEC constexpr: the largest power of two v, v * ``element_size`` <= 16 bytes, that
+    divides every one of ``extents`` (the class count and row strides a kernel offsets by).
+
+    Triton marks only integers divisible by 16 as such; a kernel that rewrites these integers
+    with :func:`aligned` lets the compiler use v-element vector loads (rows of 1000 float32
+    logits: 128-bit instead of 32-bit loads). Whether the base pointers are aligned enough is
+    Triton's own specialisation (16 bytes or nothing), so a misaligned view stays correct.
+    """
+    v = max(1, VECTOR_BYTES // element_size)
+    for n in extents:
+        while n % v:
+            v //= 2
+    return v
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,9 +134,10 @@ def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> No
     """Host-side check of class indices, for CPU tensors only (the interpreter).
 
     Raises IndexError with PyTorch's message for the first target neither in [0, C) nor equal
-    to ``ignore_index``. CUDA tensors are never checked here: that would synchronise the host.
+    to ``ignore_index``. Other devices are never checked here: on CUDA that would synchronise the
+    host (and meta tensors, which tools/compile_gpu.py launches with, hold no values).
     """
-    if target.is_cuda or target.numel() == 0:
+    if target.device.type != "cpu" or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
@@ -128,6 +151,13 @@ def upcast(x, IS_F64: tl.constexpr):
         return x.to(tl.float64)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def aligned(n, VEC: tl.constexpr):
+    """``n`` itself, which VEC divides (see :func:`vector_width`), written so that the compiler
+    knows VEC divides it: offsets and masks built from it then allow VEC-wide vector accesses."""
+    return (n // VEC) * VEC
 
 
 @triton.jit

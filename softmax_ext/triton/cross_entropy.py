@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._common import (
     acc_dtype,
+    aligned,
     check_dtype,
     check_targets,
     check_weight,
@@ -29,6 +30,7 @@ from ._common import (
     tile_shape,
     unit_class_stride,
     upcast,
+    vector_width,
 )
 
 
@@ -61,16 +63,12 @@ def _ce_index_fwd_kernel(
     SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    C = aligned(C, VEC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    x_rows = x_ptr + rows * stride_x
-    t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
-    x_t = upcast(tl.load(x_rows + t, mask=row_ok & in_range, other=0.0), IS_F64)
-    if HAS_WEIGHT:
-        w_t = tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
-    else:
-        w_t = 1.0
+    x_rows = x_ptr + rows * aligned(stride_x, VEC)
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
     s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
@@ -102,6 +100,13 @@ def _ce_index_fwd_kernel(
                 if HAS_WEIGHT:
                     term = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * term
                 smooth += tl.sum(tl.where(mask, term, 0.0), axis=1)
+    # The target's logit and weight only now: kept live across the class loops they were spilled.
+    t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
+    x_t = upcast(tl.load(x_rows + t, mask=row_ok & in_range, other=0.0), IS_F64)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
+    else:
+        w_t = 1.0
     nll = w_t * ((shift - x_t) + log_s)
     nll = tl.where(ignored, 0.0, tl.where(in_range, nll, float("nan")))
     smooth = tl.where(ignored, 0.0, smooth)
@@ -133,10 +138,12 @@ def _ce_index_bwd_kernel(
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    C = aligned(C, VEC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    x_rows = x_ptr + rows * stride_x
+    x_rows = x_ptr + rows * aligned(stride_x, VEC)
     gx_rows = gx_ptr + rows * C
     t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
     hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
@@ -155,8 +162,12 @@ def _ce_index_bwd_kernel(
         mask = row_ok[:, None] & (c[None, :] < C)
         x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
         p = tl.exp((x - hi[:, None]) - lo[:, None])
-        # p - onehot stays in the accumulation dtype until the final store.
-        grad = scale[:, None] * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
+        # p - onehot stays in the accumulation dtype until the final store (exact near p = 1).
+        # torch's scale * p - scale * onehot is NaN at the target when the target's weight is
+        # infinite; scale - scale (0, or NaN for an infinite scale) adds that case alone.
+        hit = c[None, :] == t[:, None]
+        grad = scale[:, None] * (p - tl.where(hit, 1.0, 0.0))
+        grad += tl.where(hit, (scale - scale)[:, None], 0.0)
         if WITH_SMOOTH:
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :]
@@ -206,6 +217,7 @@ def ce_index_fwd(
             SINGLE=single,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
             num_warps=num_warps(block_r, block_c),
         )
     return nll, smooth, lse
@@ -264,6 +276,7 @@ def ce_index_bwd(
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
             num_warps=num_warps(block_r, block_c),
         )
     return grad

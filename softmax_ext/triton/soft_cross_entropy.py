@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._common import (
     acc_dtype,
+    aligned,
     check_dtype,
     check_weight,
     finite_shift,
@@ -25,6 +26,7 @@ from ._common import (
     tile_shape,
     unit_class_stride,
     upcast,
+    vector_width,
 )
 
 
@@ -53,11 +55,13 @@ def _ce_soft_fwd_kernel(
     SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    C = aligned(C, VEC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    x_rows = x_ptr + rows * stride_x
-    q_rows = q_ptr + rows * stride_q
+    x_rows = x_ptr + rows * aligned(stride_x, VEC)
+    q_rows = q_ptr + rows * aligned(stride_q, VEC)
     keep, spread = _smoothing(eps, C, IS_F64)
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
@@ -120,11 +124,13 @@ def _ce_soft_bwd_kernel(
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    C = aligned(C, VEC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    x_rows = x_ptr + rows * stride_x
-    q_rows = q_ptr + rows * stride_q
+    x_rows = x_ptr + rows * aligned(stride_x, VEC)
+    q_rows = q_ptr + rows * aligned(stride_q, VEC)
     gx_rows = gx_ptr + rows * C
     keep, spread = _smoothing(eps, C, IS_F64)
     g = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
@@ -188,6 +194,7 @@ def ce_soft_fwd(
             SINGLE=single,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            VEC=vector_width(logits.element_size(), n_classes, logits.stride(0), target.stride(0)),
             num_warps=num_warps(block_r, block_c),
         )
     return loss, lse, tsum
@@ -238,6 +245,7 @@ def ce_soft_bwd(
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            VEC=vector_width(logits.element_size(), n_classes, logits.stride(0), target.stride(0)),
             num_warps=num_warps(block_r, block_c),
         )
     return grad

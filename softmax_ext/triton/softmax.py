@@ -4,7 +4,9 @@ The input is viewed as (outer, C, inner). A "lane" is one (outer, inner) pair, i
 vector whose C elements sit ``inner`` apart. Each program takes a (BLOCK_R lanes, BLOCK_C classes)
 tile. Last-dim softmax (inner == 1): lanes are rows, contiguous along the classes, and a program
 takes several rows when C is small. Otherwise (STRIDED) a program takes BLOCK_R consecutive inner
-positions of one outer index, so the tile is contiguous along the lanes and loads coalesce there.
+positions of one outer index, so the tile is contiguous along the lanes and loads coalesce there:
+the tile keeps at least a 32-byte run of lanes and walks long class vectors in blocks
+(:func:`strided_tile_shape`) rather than narrowing to one lane of scattered single loads.
 """
 
 import math
@@ -16,31 +18,71 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    TILE,
+    aligned,
     check_dtype,
     finite_shift,
+    max_block_c,
     num_warps,
     on_device,
     online_lse_update,
     tile_shape,
     upcast,
+    vector_width,
 )
 
 #: Most inner positions one program takes in the strided layout (wide tiles coalesce better).
 MAX_BLOCK_LANES = 256
+#: Consecutive bytes along the lanes a strided tile reads of each class at least: a 32-byte
+#: sector, the unit memory moves in.
+LANE_BYTES = 32
+
+
+def strided_tile_shape(inner: int, n_classes: int, element_size: int) -> Tuple[int, int, bool]:
+    """(BLOCK_R lanes, BLOCK_C classes, SINGLE) for softmax along a dim that is not last.
+
+    Lanes are consecutive inner positions, contiguous in memory. A whole class vector stays on
+    chip (one read) when it fits in a tile of :data:`TILE` elements beside a run of lanes of at
+    least :data:`LANE_BYTES`; longer vectors keep that run and are walked in class blocks (the
+    online path, which reads twice). Narrowing the tile to fewer lanes instead would waste most
+    of each sector: one lane of float32 loads 32 bytes for 4 useful ones, so one read would cost
+    eight times the bytes.
+    """
+    lanes = min(triton.next_power_of_2(inner), MAX_BLOCK_LANES)
+    min_lanes = min(lanes, max(1, LANE_BYTES // element_size))
+    block_c = min(triton.next_power_of_2(max(n_classes, 1)), max_block_c())
+    if block_c * min_lanes <= TILE:
+        lanes = min(lanes, max(1, TILE // block_c))
+    else:
+        lanes = min_lanes
+        block_c = max(1, TILE // lanes)
+    return lanes, block_c, n_classes <= block_c
 
 
 @triton.jit
 def _lane_offsets(
-    pid, n_lanes, inner, lane_stride, lane_blocks, STRIDED: tl.constexpr, BLOCK_R: tl.constexpr
+    pid,
+    n_lanes,
+    C,
+    inner,
+    lane_stride,
+    lane_blocks,
+    STRIDED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    """Start offsets of this program's lanes and which of them exist."""
+    """Start offsets of this program's lanes, which of them exist, and C and inner rewritten with
+    the divisor VEC of the contiguous dim's extent (the lanes' inner, or the rows' C)."""
+    lane_stride = aligned(lane_stride, VEC)
     if STRIDED:
         # lane_blocks programs cover the inner positions of one outer index.
+        inner = aligned(inner, VEC)
         pos = (pid % lane_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-        return (pid // lane_blocks).to(tl.int64) * lane_stride + pos, pos < inner
+        return (pid // lane_blocks).to(tl.int64) * lane_stride + pos, pos < inner, C, inner
     else:
+        C = aligned(C, VEC)
         rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        return rows * lane_stride, rows < n_lanes
+        return rows * lane_stride, rows < n_lanes, C, inner
 
 
 @triton.jit
@@ -58,9 +100,10 @@ def _softmax_fwd_kernel(
     STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(
-        tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R
+    base, lane_ok, C, inner = _lane_offsets(
+        tl.program_id(0), n_lanes, C, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R, VEC
     )
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
@@ -131,9 +174,10 @@ def _softmax_bwd_kernel(
     STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    base, lane_ok = _lane_offsets(
-        tl.program_id(0), n_lanes, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R
+    base, lane_ok, C, inner = _lane_offsets(
+        tl.program_id(0), n_lanes, C, inner, lane_stride, lane_blocks, STRIDED, BLOCK_R, VEC
     )
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
@@ -175,9 +219,12 @@ def _launch(kernel: Any, tensors: Tuple[Tensor, ...], out: Tensor, dim: int, log
     if out.numel() == 0:
         return out
     strided = inner > 1
-    block_r, block_c, single = tile_shape(
-        inner if strided else outer, n_classes, max_rows=MAX_BLOCK_LANES if strided else None
-    )
+    if strided:
+        block_r, block_c, single = strided_tile_shape(inner, n_classes, out.element_size())
+        vec = vector_width(out.element_size(), inner)
+    else:
+        block_r, block_c, single = tile_shape(outer, n_classes)
+        vec = vector_width(out.element_size(), n_classes)
     lane_blocks = triton.cdiv(inner, block_r)
     grid = (outer * lane_blocks if strided else triton.cdiv(outer, block_r),)
     with on_device(out):
@@ -195,6 +242,7 @@ def _launch(kernel: Any, tensors: Tuple[Tensor, ...], out: Tensor, dim: int, log
             STRIDED=strided,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            VEC=vec,
             num_warps=num_warps(block_r, block_c),
         )
     return out
