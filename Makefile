@@ -45,7 +45,7 @@ test-triton: $(BUILT)
 
 # Every @triton.jit kernel compiled for sm_80 and sm_90 (no GPU needed) with the configurations its
 # launchers choose: fails on a compile error or a register spill, prints the resource table.
-compile-gpu: $(BUILT)
+compile-gpu: $(DEPS)
 	$(PY) tools/compile_gpu.py
 
 # The oldest supported set (requirements-compat.lock, Python $(COMPAT_PYTHON) where installed): a copy

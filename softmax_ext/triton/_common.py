@@ -91,15 +91,18 @@ def check_dtype(t: torch.Tensor, what: str) -> None:
 
 
 def check_weight(weight: Optional[torch.Tensor], logits: torch.Tensor) -> None:
-    """Raise ValueError unless ``weight`` is None or (C,) in the logits' accumulation dtype."""
+    """Raise ValueError unless ``weight`` is None or a contiguous (C,) vector in the logits'
+    accumulation dtype (the kernels index it as one)."""
     if weight is not None and (
         weight.dtype != acc_dtype(logits.dtype)
         or weight.dim() != 1
         or weight.shape[0] != logits.shape[1]
+        or (weight.shape[0] > 1 and weight.stride(0) != 1)
     ):
         raise ValueError(
-            f"softmax_ext (triton): weight must be ({logits.shape[1]},) "
-            f"{acc_dtype(logits.dtype)}, got {tuple(weight.shape)} {weight.dtype}"
+            f"softmax_ext (triton): weight must be a contiguous ({logits.shape[1]},) "
+            f"{acc_dtype(logits.dtype)} vector, got {tuple(weight.shape)} {weight.dtype} with "
+            f"stride {tuple(weight.stride())}"
         )
 
 
