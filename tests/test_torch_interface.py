@@ -301,3 +301,14 @@ def test_jit_trace_save_load_and_script(name, tmp_path):
     assert x.grad is not None
     scripted = torch.jit.script(module)
     torch.testing.assert_close(scripted(*args), expected)
+
+
+def test_non_finite_weight_with_smoothing_stays_non_finite():
+    # the documented difference: torch's loss is inf, ours inf or NaN; never a finite number
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 0, 1])
+    w = torch.ones(5)
+    w[2] = float("inf")
+    for reduction in ("mean", "sum", "none"):
+        ours = se.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
+        theirs = F.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
+        assert not theirs.isfinite().any() and not ours.isfinite().any()
