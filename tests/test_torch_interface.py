@@ -134,6 +134,25 @@ def test_autocast_cpu_softmax_keeps_the_dtype_as_torch(dtype, fn):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_autocast_cuda_follows_torchs_policy(dtype):
+    # CUDA autocast: cross_entropy, softmax and log_softmax all run in float32 (softmax's
+    # fp32_set_opt_dtype policy: an explicit dtype wins)
+    x = torch.randn(6, 9, device="cuda", dtype=dtype)
+    t = torch.randint(0, 9, (6,), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        pairs = [
+            (se.cross_entropy(x, t), F.cross_entropy(x, t)),
+            (se.softmax(x, 1), F.softmax(x, 1)),
+            (se.log_softmax(x, 1), F.log_softmax(x, 1)),
+            (se.softmax(x, 1, dtype=torch.float64), F.softmax(x, 1, dtype=torch.float64)),
+        ]
+    for ours, theirs in pairs:
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)
+
+
 # ---- inference_mode and the reuse of large CPU buffers -----------------------------------------
 
 
