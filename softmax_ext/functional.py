@@ -18,8 +18,7 @@ from torch.nn import _reduction as _Reduction
 from . import autograd as _ag
 from .ops import BACKENDS, acc_dtype, kernels_for
 
-_REDUCTIONS = ("none", "mean", "sum")  # in the order of torch's at::Reduction enum
-_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTIONS = ("none", "mean", "sum")  # indexed by torch's at::Reduction enum
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -153,7 +152,8 @@ def cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
     # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as in torch
-    reduction = _REDUCTIONS[_Reduction.get_enum(reduction)]
+    reduction_enum = _Reduction.get_enum(reduction)
+    reduction = _REDUCTIONS[reduction_enum]
     if label_smoothing != label_smoothing:  # NaN: torch applies smoothing only when it is > 0
         label_smoothing = 0.0
     if not 0.0 <= label_smoothing <= 1.0:
@@ -232,7 +232,7 @@ def cross_entropy(
                 w,
                 int(ignore_index),
                 float(label_smoothing),
-                _REDUCTION_ENUM[reduction],
+                reduction_enum,
             )
         else:
             loss = _ag.CrossEntropyIndex.apply(
