@@ -1,7 +1,8 @@
-"""Command line of ``python -m benchmarks``: parse flags, run a mode, write the results folder.
+"""Command line of ``python -m benchmarks``: parse flags, run a suite, write the results folder.
 
-Modes: the kernel sweep (default), ``--suite core`` (the core issue's targets) and ``--trainer``
-(Fashion-MNIST trainers, wall time of 10 epochs).
+Suites: the kernel sweep (default), ``--suite core`` (the core targets, issue 12's small-shape
+goals among them) and ``--trainer`` (Fashion-MNIST trainers, wall time of 10 epochs). Kernels are
+timed in loop mode and, at small shapes, in single mode (``--modes``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import torch
 
 from . import report
 from .config import (
+    CORE_LARGE,
+    CORE_SMALL,
     DIRECTIONS,
     DTYPE_ALIASES,
     DTYPES,
     IMPLS,
+    MODES,
     OPS,
+    SHAPE_SETS,
+    SINGLE_MAX_ELEMS,
     Config,
     default_shapes,
     parse_choices,
@@ -44,8 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--suite",
         choices=("sweep", "core"),
         default="sweep",
-        help="sweep: every op/shape/dtype/direction selected; core: fp32 "
-        "cross_entropy fwd+bwd at 8192x32000 and 256x10 with the target ratios",
+        help="sweep: every op/shape/dtype/direction selected; core: fp32 fwd+bwd of "
+        "cross_entropy at 8192x32000 and 256x10 and of softmax/log_softmax at 256x10, with the "
+        "target ratios",
     )
     ap.add_argument(
         "--trainer",
@@ -64,9 +71,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     ap.add_argument("--impls", default="all", help=f"comma-separated from {', '.join(IMPLS)}")
     ap.add_argument(
-        "--shapes", default=None, help="comma-separated ROWSxCLASSES (default: by device; see docs)"
+        "--shapes",
+        default=None,
+        help="comma-separated ROWSxCLASSES or shape sets "
+        f"({', '.join(SHAPE_SETS)}) (default: cpu or gpu by device; see docs)",
     )
-    ap.add_argument("--dtypes", default=None, help="comma-separated from fp32, bf16")
+    ap.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated from fp32, bf16, fp16 (or float32, bfloat16, float16, half); "
+        "default all three (fp32 with --quick)",
+    )
+    ap.add_argument(
+        "--modes",
+        default="all",
+        help="comma-separated from loop (back-to-back calls, every shape) and single (one call "
+        "after untimed other work, shapes up to --single-max-elems elements)",
+    )
+    ap.add_argument(
+        "--single-max-elems",
+        type=int,
+        default=SINGLE_MAX_ELEMS,
+        help="single mode times shapes of at most this many elements (rows x classes)",
+    )
+    ap.add_argument(
+        "--single-reps",
+        type=int,
+        default=None,
+        help="single calls per implementation in single mode (default 400, 1000 core suite, "
+        "50 quick)",
+    )
     ap.add_argument(
         "--reps",
         type=int,
@@ -83,8 +117,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=None,
-        help="seconds per (op, shape, dtype, direction) group before repetitions "
-        "are cut (default 45 CPU, 60 GPU, 120 core suite)",
+        help="seconds per (op, shape, dtype, direction) group and mode before repetitions "
+        "are cut (default 10 CPU, 60 GPU, 120 core suite)",
     )
     ap.add_argument(
         "--rep-ms",
@@ -123,7 +157,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument(
         "--no-settle",
         action="store_true",
-        help="no untimed call before each single-call repetition (see docs)",
+        help="loop mode: no untimed call before a repetition that is a single (long) call "
+        "(see docs)",
     )
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument(
@@ -166,19 +201,27 @@ def build_config(args: argparse.Namespace) -> Config:
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick
+    core = args.suite == "core"
     cfg = Config(
         device=device,
         ops=parse_choices(args.ops, OPS, "op"),
         directions=parse_choices(args.directions, DIRECTIONS, "direction"),
         impls=parse_choices(args.impls, IMPLS, "implementation"),
-        shapes=parse_shapes(args.shapes) if args.shapes else default_shapes(device, quick),
+        shapes=parse_shapes(args.shapes)
+        if args.shapes
+        else ((CORE_LARGE, CORE_SMALL) if core else default_shapes(device, quick)),
         dtypes=parse_choices(args.dtypes, list(DTYPES), "dtype", DTYPE_ALIASES)
         if args.dtypes
-        else (("float32",) if quick else ("float32", "bfloat16")),
-        reps=args.reps or (3 if quick else (15 if args.suite == "core" else (20 if gpu else 10))),
+        else (("float32",) if quick else tuple(DTYPES)),
+        modes=parse_choices(args.modes, MODES, "mode"),
+        single_max_elems=args.single_max_elems,
+        single_reps=args.single_reps or (50 if quick else (1000 if core else 400)),
+        reps=args.reps or (3 if quick else (15 if core else (20 if gpu else 10))),
         min_reps=args.min_reps or (2 if quick else 3),
+        # CPU: 10 s caps the groups of the two largest shapes at the minimum repetitions
+        # (their calls take 0.1-2 s), so the default sweep stays near 20 minutes on 2 cores.
         group_budget_s=args.budget
-        or (10.0 if quick else (120.0 if args.suite == "core" else (60.0 if gpu else 45.0))),
+        or (10.0 if quick else (120.0 if core else (60.0 if gpu else 10.0))),
         rep_target_s=args.rep_ms / 1e3
         if args.rep_ms
         else (0.005 if quick else (0.01 if gpu else 0.02)),
@@ -192,8 +235,14 @@ def build_config(args: argparse.Namespace) -> Config:
         suite=args.suite,
         extra={"ext_backend": args.ext_backend, "verbose": args.verbose},
     )
+    if cfg.reps < 1 or cfg.single_reps < 1 or cfg.single_max_elems < 0:
+        raise ValueError("--reps and --single-reps must be positive, --single-max-elems >= 0")
     if cfg.min_reps > cfg.reps:
         cfg.min_reps = cfg.reps
+    if core:
+        from .core import core_config
+
+        core_config(cfg)  # refuses --shapes without a core shape before anything runs
     return cfg
 
 
@@ -204,7 +253,7 @@ def out_folder(cfg: Config) -> Path:
 
 def run_kernels(cfg: Config) -> int:
     """The sweep or the core suite; writes JSON, plots and results.md."""
-    from .core import evaluate, format_targets, run_core
+    from .core import evaluate, format_slower, format_targets, run_core
     from .runner import Sweep
 
     folder = out_folder(cfg)
@@ -229,6 +278,8 @@ def run_kernels(cfg: Config) -> int:
     if doc.get("targets") or cfg.suite == "core":
         print()
         print(format_targets(doc.get("targets"), doc["machine"]))
+        print()
+        print(format_slower(doc.get("targets")))
     return 0
 
 

@@ -1,7 +1,13 @@
-"""What a benchmark run measures: ops, directions, implementations, shapes, dtypes, repetitions.
+"""What a benchmark run measures: ops, directions, implementations, shapes, dtypes, modes,
+repetitions.
 
 The defaults depend on the device: a GPU gets language-model vocabularies up to 16384 x 131072, a
-small CPU the shapes that finish in reasonable time (always including the core target 8192 x 32000).
+CPU exactly the range of issue 12's speed goals, 256 x 10 to 8192 x 32000 (1024 x 128256 stays
+available as the shape set "cpu-full"). Every sweep covers float32, bfloat16 and float16.
+
+Two timing modes: "loop" times back-to-back calls (every shape); "single" times one call at a time
+between unrelated work (shapes of at most ``single_max_elems`` elements, where per-call overhead
+is most of the time and a loop's warm caches and branch predictors flatter it).
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ import torch
 OPS = ("softmax", "log_softmax", "cross_entropy")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("softmax_ext", "torch", "torch.compile", "liger")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("loop", "single")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {
     "fp32": "float32",
     "float32": "float32",
     "f32": "float32",
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "f16": "float16",
+    "half": "float16",
 }
 
 Shape = tuple  # (rows, classes)
@@ -36,12 +47,24 @@ GPU_SHAPES: tuple = (
     (1024, 256000),
     (16384, 131072),
 )
-CPU_SHAPES: tuple = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000), (1024, 128256))
+# Issue 12's committed sweep, 256 x 10 to 8192 x 32000: the CPU default.
+CPU_SHAPES: tuple = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000))
+# A Llama-3 vocabulary, outside the issue's range: available as "cpu-full", not swept by default.
+CPU_FULL_SHAPES: tuple = CPU_SHAPES + ((1024, 128256),)
 QUICK_SHAPES: tuple = ((256, 10), (4096, 1000))
+# Names ``--shapes`` accepts besides ROWSxCLASSES.
+SHAPE_SETS = {
+    "cpu": CPU_SHAPES,
+    "cpu-full": CPU_FULL_SHAPES,
+    "gpu": GPU_SHAPES,
+    "quick": QUICK_SHAPES,
+}
 
-# The core issue's speed targets: fp32 cross-entropy fwd+bwd at these two shapes.
+# The core targets (benchmarks/core.py): fp32 fwd+bwd at these two shapes.
 CORE_LARGE: Shape = (8192, 32000)
 CORE_SMALL: Shape = (256, 10)
+# Shapes up to this many elements (256 x 10 and smaller) are also timed one call at a time.
+SINGLE_MAX_ELEMS = 65536
 
 
 @dataclass
@@ -53,7 +76,10 @@ class Config:
     directions: Sequence[str] = DIRECTIONS
     impls: Sequence[str] = IMPLS
     shapes: Sequence[Shape] = CPU_SHAPES
-    dtypes: Sequence[str] = ("float32", "bfloat16")
+    dtypes: Sequence[str] = tuple(DTYPES)
+    modes: Sequence[str] = MODES
+    # Explicit (rows, classes, dtype, op) groups instead of shapes x dtypes x ops (--suite core).
+    plan: Optional[Sequence[tuple]] = None
     reps: int = 10
     min_reps: int = 3
     # Wall-clock budget for one (op, shape, dtype, direction) group; reps shrink (not below
@@ -65,6 +91,10 @@ class Config:
     copy_mib: int = 256
     # One untimed call before each single-call repetition (see timing.interleaved).
     settle: bool = True
+    # Single mode: shapes of at most this many elements, this many one-call samples per
+    # implementation (fewer when the group budget runs out, never below min_reps).
+    single_max_elems: int = SINGLE_MAX_ELEMS
+    single_reps: int = 400
     memory: bool = True
     plots: bool = True
     out: Optional[Path] = None
@@ -76,23 +106,50 @@ class Config:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
+    def groups(self) -> list:
+        """The (rows, classes, dtype, op) groups of the run, in the order they run."""
+        if self.plan is not None:
+            return [tuple(g) for g in self.plan]
+        return [
+            (rows, classes, dtype, op)
+            for rows, classes in self.shapes
+            for dtype in self.dtypes
+            for op in self.ops
+        ]
+
+    def single_mode_at(self, rows: int, classes: int) -> bool:
+        """Whether shape (rows, classes) is also timed one call at a time."""
+        return "single" in self.modes and rows * classes <= self.single_max_elems
+
 
 def parse_shapes(spec: str) -> list:
-    """'256x10,8192x32000' -> [(256, 10), (8192, 32000)]."""
-    shapes = []
+    """'256x10,8192x32000' -> [(256, 10), (8192, 32000)]; names of :data:`SHAPE_SETS` expand
+    ('cpu,1024x128256'); duplicates are dropped."""
+    shapes: list = []
+
+    def add(shape: tuple) -> None:
+        if shape not in shapes:
+            shapes.append(shape)
+
     for part in spec.split(","):
         part = part.strip().lower()
         if not part:
             continue
+        if part in SHAPE_SETS:
+            for shape in SHAPE_SETS[part]:
+                add(shape)
+            continue
         rows, _, classes = part.partition("x")
         try:
-            shapes.append((int(rows), int(classes)))
+            shape = (int(rows), int(classes))
         except ValueError:
             raise ValueError(
-                f"bad shape {part!r}; expected ROWSxCLASSES, e.g. 8192x32000"
+                f"bad shape {part!r}; expected ROWSxCLASSES, e.g. 8192x32000, or one of "
+                f"{', '.join(SHAPE_SETS)}"
             ) from None
-        if shapes[-1][0] <= 0 or shapes[-1][1] <= 0:
+        if shape[0] <= 0 or shape[1] <= 0:
             raise ValueError(f"bad shape {part!r}: sizes must be positive")
+        add(shape)
     return shapes
 
 

@@ -1,9 +1,11 @@
 """PNG plots of a sweep (matplotlib, Agg backend: no display needed).
 
 * classes_<op>.png: time (top) and achieved bandwidth (bottom) per implementation, one column per
-  direction, shapes ordered by the number of classes; solid lines fp32, dashed bf16.
+  direction, shapes ordered by the number of classes; solid lines fp32, dashed bf16, dotted fp16.
 * scaling.png: time against N x C (log-log) for every op and direction, with the copy floor
   (minimum bytes at the copy bandwidth) as a grey line: how each implementation's cost grows.
+
+Both plot loop-mode records, the mode every shape has (single mode covers small shapes only).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import List
 
 from .bandwidth import floor_ms, min_bytes
 from .config import DIRECTIONS, DTYPES, IMPLS, OPS
+from .runner import mode_of
 
 COLORS = {
     "softmax_ext": "tab:red",
@@ -20,8 +23,8 @@ COLORS = {
     "torch.compile": "tab:green",
     "liger": "tab:purple",
 }
-STYLES = {"float32": "-", "bfloat16": "--"}
-MARKERS = {"float32": "o", "bfloat16": "s"}
+STYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
+MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 
 
 def _plt():
@@ -44,7 +47,7 @@ def plot_classes(
     """Time and bandwidth against the shapes (ordered by classes) for one op; the copy
     bandwidth as a grey line on the bandwidth panels."""
     plt = _plt()
-    rs = [r for r in records if r["op"] == op]
+    rs = [r for r in records if r["op"] == op and mode_of(r) == "loop"]
     directions = _present(rs, "direction", DIRECTIONS)
     shapes = sorted({(r["rows"], r["classes"]) for r in rs}, key=lambda s: (s[1], s[0]))
     pos = {s: i for i, s in enumerate(shapes)}
@@ -101,6 +104,7 @@ def plot_scaling(records: List[dict], copy_gbps: float, path: Path, title: str) 
     import torch
 
     plt = _plt()
+    records = [r for r in records if mode_of(r) == "loop"]
     ops = _present(records, "op", OPS)
     directions = _present(records, "direction", DIRECTIONS)
     fig, axes = plt.subplots(

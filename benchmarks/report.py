@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence
 
-from .config import DIRECTIONS, IMPLS, OPS
-from .core import format_targets
+from .config import DIRECTIONS, DTYPES, IMPLS, MODES, OPS
+from .core import NO_SLOWER_GOAL, SLOWER_HEADER, format_targets, slower_rows
+from .runner import mode_of
 
 RESULTS, CORE, TRAINER, MARKDOWN = "results.json", "core.json", "trainer.json", "results.md"
 
@@ -115,13 +116,20 @@ def machine_section(machine: dict) -> List[str]:
     return _table(["", ""], rows)
 
 
+def _index(seq: Sequence[str], x: str) -> int:
+    """Position of ``x`` in ``seq``; unknown names sort last."""
+    return seq.index(x) if x in seq else len(seq)
+
+
 def _sort_key(r: dict) -> tuple:
-    impl = IMPLS.index(r["impl"]) if r["impl"] in IMPLS else len(IMPLS)
-    return (r["rows"] * r["classes"], r["rows"], r["dtype"], impl)
+    dtype = _index(list(DTYPES), r["dtype"])
+    mode = _index(MODES, mode_of(r))
+    return (r["rows"] * r["classes"], r["rows"], dtype, mode, _index(IMPLS, r["impl"]))
 
 
 def kernel_section(doc: dict) -> List[str]:
-    """One table per op and direction: times, bandwidth, speed-ups, memory."""
+    """One table per op and direction: times, bandwidth, speed-ups, memory; small shapes have
+    a row per mode (loop: back-to-back calls; single: one call between other work)."""
     records = doc.get("records", [])
     out: List[str] = []
     for op in OPS:
@@ -135,6 +143,7 @@ def kernel_section(doc: dict) -> List[str]:
             header = [
                 "N x C",
                 "dtype",
+                "mode",
                 "impl",
                 "backend",
                 "median ms",
@@ -152,6 +161,7 @@ def kernel_section(doc: dict) -> List[str]:
                 row = [
                     f"{r['rows']} x {r['classes']}",
                     r["dtype"],
+                    mode_of(r),
                     r["impl"],
                     r["backend"],
                     fmt_ms(r["median_ms"]),
@@ -169,6 +179,21 @@ def kernel_section(doc: dict) -> List[str]:
                 rows.append(row)
             out += _table(header, rows)
     return out
+
+
+def slower_section(targets: dict) -> List[str]:
+    """Every case where softmax_ext's median time exceeds torch eager's, worst first."""
+    if "cases" not in targets:  # a document from before this table existed
+        return []
+    out = [
+        f"Cases slower than torch eager (time ratio > {NO_SLOWER_GOAL:g}), "
+        f"of {targets['cases']} compared:",
+        "",
+    ]
+    rows = slower_rows(targets)
+    if not rows:
+        return out + ["none"]
+    return out + _table(SLOWER_HEADER, rows)
 
 
 def trainer_section(doc: dict) -> List[str]:
@@ -217,6 +242,24 @@ def problems_section(doc: dict) -> List[str]:
     return out
 
 
+def modes_text(config: dict) -> str:
+    """What the kernel tables' medians are medians of."""
+    text = (
+        f"Medians of interleaved repetitions: mode loop, {config.get('reps')} repetitions of "
+        "back-to-back calls"
+    )
+    if "single" in config.get("modes", []):
+        text += (
+            f"; mode single (shapes up to {config.get('single_max_elems')} elements), "
+            f"{config.get('single_reps')} single calls, each after untimed other work"
+        )
+    return text + (
+        " (fewer where the time budget of a group ran out: see `reps` in results.json). GB/s "
+        "counts the minimum bytes; 'of copy' is that bandwidth over the copy bandwidth; 'vs X' "
+        "is X's time over this row's time, in the same mode."
+    )
+
+
 def write_markdown(folder: Path) -> Path:
     """Regenerate ``folder``/results.md from the JSON documents there."""
     sweep, core, trainer = (read_json(folder / n) for n in (RESULTS, CORE, TRAINER))
@@ -236,18 +279,13 @@ def write_markdown(folder: Path) -> Path:
                 "```",
                 "",
             ]
+            slower = slower_section(doc["targets"])
+            lines += slower + ([""] if slower else [])
     if sweep and sweep.get("interrupted"):
         lines += ["**The sweep was interrupted: the tables below are partial.**", ""]
     if sweep:
         lines += ["## Machine", ""] + machine_section(sweep["machine"]) + [""]
-        lines += [
-            "## Kernels",
-            "",
-            f"Median of {sweep['config'].get('reps')} interleaved repetitions (fewer where "
-            "the time budget of a group ran out: see `reps` in results.json). GB/s counts "
-            "the minimum bytes; 'of copy' is that bandwidth over the copy bandwidth; "
-            "'vs X' is X's time over this row's time.",
-        ]
+        lines += ["## Kernels", "", modes_text(sweep["config"])]
         lines += kernel_section(sweep) + [""]
         problems = problems_section(sweep)
         if problems:

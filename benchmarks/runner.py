@@ -2,8 +2,10 @@
 
 Implementations of one (op, shape, dtype, direction) are timed in interleaved rounds in the same
 process, right after one another, so their ratios are fair; the copy floor is measured in the
-same run. A failure of one implementation (out of memory, an unsupported dtype) is recorded in
-``errors`` and the others go on.
+same run. Every group is timed in loop mode (back-to-back calls); small shapes also in single
+mode (one call after untimed other work), each mode giving its own records (``mode``). A failure
+of one implementation (out of memory, an unsupported dtype) is recorded in ``errors`` and the
+others go on.
 """
 
 from __future__ import annotations
@@ -13,14 +15,22 @@ import math
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import bandwidth, memory, peers
 from .config import DTYPES, Config
 from .device import machine_info
-from .timing import Calibration, calibrate, interleaved, make_timer, summarize
+from .timing import (
+    Calibration,
+    Interference,
+    calibrate,
+    interleaved,
+    interleaved_single,
+    make_timer,
+    summarize,
+)
 from .workloads import Inputs, make_inputs, make_step, private_copy
 
 Log = Callable[[str], None]
@@ -66,6 +76,27 @@ def choose_reps(cfg: Config, cals: Dict[str, Calibration], direction: str) -> in
     return max(cfg.min_reps, min(cfg.reps, int(cfg.group_budget_s // per_round)))
 
 
+def choose_single_reps(
+    cfg: Config, cals: Dict[str, Calibration], direction: str, between_s: float
+) -> int:
+    """cfg.single_reps, fewer (not below cfg.min_reps) when they would overrun the group budget.
+
+    One round is one interference run plus one call per implementation (plus the untimed
+    forward of "bwd").
+    """
+    calls = 2 if direction == "bwd" else 1
+    per_round = sum(between_s + calls * c.call_s for c in cals.values())
+    if per_round <= 0:
+        return cfg.single_reps
+    floor = min(cfg.min_reps, cfg.single_reps)
+    return max(floor, min(cfg.single_reps, int(cfg.group_budget_s // per_round)))
+
+
+def mode_of(record: dict) -> str:
+    """A record's timing mode; documents from before the modes existed timed loops."""
+    return record.get("mode", "loop")
+
+
 class Sweep:
     """One run: holds the machine description, records and errors as they accumulate."""
 
@@ -75,6 +106,8 @@ class Sweep:
         self.timer = make_timer(cfg.device)
         self.records: List[dict] = []
         self.errors: List[dict] = []
+        self._interference: Optional[Interference] = None
+        self.between_s: Optional[float] = None
         self.impls, self.skipped = peers.available(
             cfg.device, cfg.impls, cfg.extra.get("ext_backend")
         )
@@ -87,6 +120,13 @@ class Sweep:
         self.log(f"  ! {impl} failed at {where}: {_err_text(err)}")
         if self.cfg.extra.get("verbose"):
             traceback.print_exception(err)
+
+    def interference(self) -> Interference:
+        """The untimed work between single calls (made, and timed once, on first use)."""
+        if self._interference is None:
+            self._interference = Interference(self.cfg.device)
+            self.between_s = self._interference.seconds()
+        return self._interference
 
     def run(self) -> dict:
         """Measure everything the config selects; return the results document."""
@@ -105,10 +145,8 @@ class Sweep:
         )
         interrupted = False
         try:
-            for rows, classes in cfg.shapes:
-                for dtype_name in cfg.dtypes:
-                    for op in cfg.ops:
-                        self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
+            for rows, classes, dtype_name, op in cfg.groups():
+                self.measure_op(op, rows, classes, dtype_name, machine["copy_gbps"])
         except KeyboardInterrupt:  # keep what was measured: a long sweep stopped is not lost
             interrupted = True
             self.log("interrupted: writing the measurements so far")
@@ -123,7 +161,12 @@ class Sweep:
                 "impls": list(cfg.impls),
                 "dtypes": list(cfg.dtypes),
                 "shapes": [list(s) for s in cfg.shapes],
+                "plan": None if cfg.plan is None else [list(g) for g in cfg.plan],
+                "modes": list(cfg.modes),
                 "reps": cfg.reps,
+                "single_reps": cfg.single_reps,
+                "single_max_elems": cfg.single_max_elems,
+                "single_between_ms": None if self.between_s is None else self.between_s * 1e3,
                 "group_budget_s": cfg.group_budget_s,
                 "rep_target_s": cfg.rep_target_s,
                 "settle": cfg.settle,
@@ -145,7 +188,7 @@ class Sweep:
         where = {"op": op, "rows": rows, "classes": classes, "dtype": dtype_name}
         size = rows * classes * bandwidth.element_size(dtype)
         impls = [i for i in self.impls if op in i.ops]
-        if not impls:
+        if not impls or not ("loop" in cfg.modes or cfg.single_mode_at(rows, classes)):
             return
         try:
             inputs = make_inputs(op, rows, classes, dtype, device, cfg.seed)
@@ -196,71 +239,86 @@ class Sweep:
                 _free(cfg.device, size)
         if not steps:
             return
-        reps = choose_reps(cfg, cals, direction)
-        samples = interleaved(
-            steps,
-            {n: c.inner for n, c in cals.items()},
-            self.timer,
-            reps,
-            on_error=lambda name, err: self.error(where, name, err),
-            settle=cfg.settle,
-        )
+        runs: Dict[str, Tuple[int, Dict[str, List[float]]]] = {}
+
+        def on_error(name: str, err: BaseException) -> None:
+            self.error(where, name, err)
+
+        if "loop" in cfg.modes:
+            reps = choose_reps(cfg, cals, direction)
+            samples = interleaved(
+                steps,
+                {n: c.inner for n, c in cals.items()},
+                self.timer,
+                reps,
+                on_error=on_error,
+                settle=cfg.settle,
+            )
+            runs["loop"] = (reps, samples)
+        if cfg.single_mode_at(where["rows"], where["classes"]):
+            between = self.interference()
+            reps = choose_single_reps(cfg, cals, direction, self.between_s or 0.0)
+            # an implementation that failed in the loop would only fail again
+            alive = runs["loop"][1] if "loop" in runs else steps
+            samples = interleaved_single(
+                {n: s for n, s in steps.items() if n in alive}, self.timer, reps, between, on_error
+            )
+            runs["single"] = (reps, samples)
         del steps
         _free(cfg.device, size)
+        mem: Dict[str, dict] = {}
+        if direction == "fwd+bwd" and cfg.memory:
+            for impl in impls:
+                if any(samples.get(impl.name) for _, samples in runs.values()):
+                    try:
+                        mem[impl.name] = memory.measure(fns[impl.name], own[impl.name], cfg.device)
+                    except Exception as err:
+                        self.error({**where, "what": "memory"}, impl.name, err)
+                    _free(cfg.device, size)
         nbytes = bandwidth.min_bytes(where["op"], direction, where["rows"], where["classes"], dtype)
-        line = []
-        for impl in impls:
-            if impl.name not in samples or not samples[impl.name]:
-                continue
-            stats = summarize(samples[impl.name])
-            gbps, frac = bandwidth.achieved(nbytes, stats["median_ms"] / 1e3, copy_gbps)
-            rec = {
-                **where,
-                "impl": impl.name,
-                "backend": impl.backend,
-                **stats,
-                "reps": len(samples[impl.name]),
-                "inner": cals[impl.name].inner,
-                "first_call_ms": cals[impl.name].first_call_s * 1e3,
-                "bytes": nbytes,
-                "gbps": gbps,
-                "frac_of_copy": frac,
-                "peak_mem_bytes": None,
-            }
-            if direction == "fwd+bwd" and cfg.memory:
-                try:
-                    rec.update(memory.measure(fns[impl.name], own[impl.name], cfg.device))
-                except Exception as err:
-                    self.error({**where, "what": "memory"}, impl.name, err)
-                _free(cfg.device, size)
-            self.records.append(rec)
-            line.append(f"{impl.name} {stats['median_ms']:.3f} ms")
-        self.log(
-            f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
-            f"{direction} (x{reps}): " + " | ".join(line)
-        )
+        for mode, (reps, samples) in runs.items():
+            line = []
+            for impl in impls:
+                if not samples.get(impl.name):
+                    continue
+                stats = summarize(samples[impl.name])
+                gbps, frac = bandwidth.achieved(nbytes, stats["median_ms"] / 1e3, copy_gbps)
+                rec = {
+                    **where,
+                    "mode": mode,
+                    "impl": impl.name,
+                    "backend": impl.backend,
+                    **stats,
+                    "reps": len(samples[impl.name]),
+                    "inner": cals[impl.name].inner if mode == "loop" else 1,
+                    "first_call_ms": cals[impl.name].first_call_s * 1e3,
+                    "bytes": nbytes,
+                    "gbps": gbps,
+                    "frac_of_copy": frac,
+                    "peak_mem_bytes": None,
+                    **mem.get(impl.name, {}),
+                }
+                self.records.append(rec)
+                line.append(f"{impl.name} {stats['median_ms']:.4f} ms")
+            self.log(
+                f"{where['op']} {where['dtype']} {where['rows']}x{where['classes']} "
+                f"{direction} {mode} (x{reps}): " + " | ".join(line)
+            )
 
 
 def add_speedups(records: List[dict]) -> None:
-    """speedup_vs_<peer> = peer's median / this record's median, for every peer timed with it."""
+    """speedup_vs_<peer> = peer's median / this record's median, for every peer timed with it
+    (same op, direction, shape, dtype and mode)."""
     groups: Dict[tuple, List[dict]] = {}
     for r in records:
         groups.setdefault(
-            (r["op"], r["direction"], r["rows"], r["classes"], r["dtype"]), []
+            (r["op"], r["direction"], r["rows"], r["classes"], r["dtype"], mode_of(r)), []
         ).append(r)
     for group in groups.values():
         for r in group:
             for other in group:
                 if other is not r and r["median_ms"] > 0:
                     r[f"speedup_vs_{impl_key(other['impl'])}"] = other["median_ms"] / r["median_ms"]
-
-
-def find(records: List[dict], **match) -> Optional[dict]:
-    """The first record whose fields equal ``match`` (None when there is none)."""
-    for r in records:
-        if all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
 
 
 def nan_to_none(x: float) -> Optional[float]:

@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "grad_buffer.h"
+#include "loss_options.h"
 #include "row_block.h"
 #include "row_ops.h"
 
@@ -42,10 +43,17 @@ struct IndexFwdArgs {
   double W;       // sum of weights (C without weights)
   int64_t ignore_index;
   bool with_smooth;
-  void* nll;
-  void* smooth;
+  double nll_scale, smooth_scale;  // loss = nll_scale * nll + smooth_scale * smooth (with_smooth)
+  void* loss;
   double* lse;
 };
+
+// The per-row loss from its two terms: (1 - eps) * nll + eps / C * smooth, or nll alone.
+template <typename A, typename Args>
+SME_INLINE A combine(const Args& a, A nll, A smooth) {
+  return a.with_smooth ? static_cast<A>(a.nll_scale) * nll + static_cast<A>(a.smooth_scale) * smooth
+                       : nll;
+}
 
 // Rows [i0, i0 + k), k <= kLanes, C <= kBlockMaxC, float accumulation: the row path's arithmetic
 // on a transposed block (same shift rules: exp relative to the max, or to 0 in an all -inf row; the
@@ -77,8 +85,7 @@ SME_INLINE void ce_index_fwd_block(const IndexFwdArgs& a, int64_t i0, int64_t k)
       nll = (w ? w[t] : 1.0f) * ((mv[l] - xt[t * kLanes + l]) + lsv[l]);
       if (a.with_smooth) smooth = static_cast<float>(a.W) * ((mv[l] - shv[l]) + lsv[l]) - wdv[l];
     }
-    static_cast<float*>(a.nll)[i] = nll;
-    static_cast<float*>(a.smooth)[i] = smooth;
+    static_cast<float*>(a.loss)[i] = combine(a, nll, smooth);
   }
 }
 
@@ -113,16 +120,13 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
       nll = (w ? w[t] : A(1)) * ((st.m - load1(xr + t)) + ls);
       if (a.with_smooth) smooth = static_cast<A>(a.W) * ((st.m - st.shift) + ls) - wdot;
     }
-    static_cast<A*>(a.nll)[i] = nll;
-    static_cast<A*>(a.smooth)[i] = smooth;
+    static_cast<A*>(a.loss)[i] = combine(a, nll, smooth);
   }
 }
 
 struct IndexBwdArgs {
-  const void* grad_nll;
-  int64_t gn_stride;
-  const void* grad_smooth;
-  int64_t gs_stride;
+  const void* grad;  // d loss / d per-row loss; the two terms' gradients are it times the scales
+  int64_t g_stride;
   const void* x;
   int64_t row_stride, C;
   const int64_t* target;
@@ -132,6 +136,7 @@ struct IndexBwdArgs {
   const double* lse;
   int64_t ignore_index;
   bool with_smooth;
+  double nll_scale, smooth_scale;
   void* gx;     // contiguous (rows, C)
   bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
 };
@@ -150,9 +155,10 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
     const int64_t i = i0 + l, t = tv[l] = a.target[i * a.target_stride];
     if (t == a.ignore_index) continue;
-    const float gs =
-        a.with_smooth ? static_cast<const float*>(a.grad_smooth)[i * a.gs_stride] : 0.0f;
-    gtv[l] = static_cast<const float*>(a.grad_nll)[i * a.gn_stride] * (w ? w[t] : 1.0f);
+    const float g = static_cast<const float*>(a.grad)[i * a.g_stride];
+    const float gs = a.with_smooth ? g * static_cast<float>(a.smooth_scale) : 0.0f;
+    const float gn = a.with_smooth ? g * static_cast<float>(a.nll_scale) : g;
+    gtv[l] = gn * (w ? w[t] : 1.0f);
     hv[l] = static_cast<float>(a.lse[i]);
     lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
     av[l] = a.with_smooth ? gtv[l] + gs * static_cast<float>(a.W) : gtv[l];
@@ -197,8 +203,9 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
       std::memset(static_cast<void*>(gr), 0, a.C * sizeof(T));
       continue;
     }
-    const A gn = static_cast<const A*>(a.grad_nll)[i * a.gn_stride];
-    const A gs = a.with_smooth ? static_cast<const A*>(a.grad_smooth)[i * a.gs_stride] : A(0);
+    const A g = static_cast<const A*>(a.grad)[i * a.g_stride];
+    const A gn = a.with_smooth ? g * static_cast<A>(a.nll_scale) : g;
+    const A gs = a.with_smooth ? g * static_cast<A>(a.smooth_scale) : A(0);
     const A gt = gn * (w ? w[t] : A(1));  // weight of the true-class term
     const A alpha = a.with_smooth ? gt + gs * static_cast<A>(a.W) : gt;
     const A hi = static_cast<A>(a.lse[i]);
@@ -365,122 +372,157 @@ bool streams_well(const at::Tensor& gx) {
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_index_fwd(const at::Tensor& logits,
-                                                            const at::Tensor& target,
-                                                            const std::optional<at::Tensor>& weight,
-                                                            int64_t ignore_index,
-                                                            bool with_smooth) {
+// ---- the four kernels: (rows, C) views in, per-row results out; the option block by name --------
+
+// The arguments of one kernel call: tensors first, then the option block (softmax_ext/ops.py).
+struct KernelCall {
+  torch::jit::Stack args;
+  LossOptions opt;
+  size_t n = 0;
+
+  KernelCall(const c10::OperatorHandle& op, torch::jit::Stack* stack, size_t n_tensors)
+      : n(op.schema().arguments().size()) {
+    auto view = torch::jit::last(*stack, n);
+    args.assign(view.begin(), view.end());
+    opt = LossOptions::read(op.schema(), args, n_tensors, n);
+    torch::jit::drop(*stack, n);
+  }
+  const at::Tensor& tensor(size_t i) const { return args[i].toTensor(); }
+  std::optional<at::Tensor> optional(size_t i) const { return args[i].toOptional<at::Tensor>(); }
+};
+
+std::pair<double, double> smoothing_scales(const LossOptions& o, int64_t C) {
+  return {1.0 - o.label_smoothing, o.label_smoothing / static_cast<double>(C)};
+}
+
+// (logits, target, weight, options...) -> (loss, lse)
+void ce_index_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const KernelCall k(op, stack, 3);
+  const at::Tensor &logits = k.tensor(0), &target = k.tensor(1);
   check_logits(logits, "ce_index_fwd");
-  check_index_target(logits, target, ignore_index, "ce_index_fwd");
-  auto [w, W] = prepared_weight(weight, logits, "ce_index_fwd");
+  check_index_target(logits, target, k.opt.ignore_index, "ce_index_fwd");
+  auto [w, W] = prepared_weight(k.optional(2), logits, "ce_index_fwd");
   const int64_t rows = logits.size(0), C = logits.size(1);
-  const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
-  at::Tensor nll = at::empty({rows}, opts), smooth = at::empty({rows}, opts);  // kernel writes both
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(acc_type(logits.scalar_type())));
   at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
-  if (rows == 0) return {nll, smooth, lse};
-  TORCH_CHECK(C > 0, "softmax_ext::ce_index_fwd: no classes");
-  const IndexFwdArgs a{logits.const_data_ptr(),
-                       logits.stride(0),
-                       C,
-                       target.const_data_ptr<int64_t>(),
-                       target.stride(0),
-                       data_or_null(w),
-                       W,
-                       ignore_index,
-                       with_smooth,
-                       nll.mutable_data_ptr(),
-                       smooth.mutable_data_ptr(),
-                       lse.mutable_data_ptr<double>()};
-  ce_index_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
-  return {nll, smooth, lse};
+  if (rows > 0) {
+    TORCH_CHECK(C > 0, "softmax_ext::ce_index_fwd: no classes");
+    const auto [nll_scale, smooth_scale] = smoothing_scales(k.opt, C);
+    const IndexFwdArgs a{logits.const_data_ptr(),
+                         logits.stride(0),
+                         C,
+                         target.const_data_ptr<int64_t>(),
+                         target.stride(0),
+                         data_or_null(w),
+                         W,
+                         k.opt.ignore_index,
+                         k.opt.with_smooth(),
+                         nll_scale,
+                         smooth_scale,
+                         loss.mutable_data_ptr(),
+                         lse.mutable_data_ptr<double>()};
+    ce_index_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
+  }
+  torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
-at::Tensor ce_index_bwd(const at::Tensor& grad_nll, const at::Tensor& grad_smooth,
-                        const at::Tensor& logits, const at::Tensor& target,
-                        const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                        int64_t ignore_index, bool with_smooth) {
+// (grad_loss, logits, target, weight, lse, options...) -> grad_logits
+void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const KernelCall k(op, stack, 5);
+  const at::Tensor &logits = k.tensor(1), &target = k.tensor(2);
   check_logits(logits, "ce_index_bwd");
-  check_index_target(logits, target, ignore_index, "ce_index_bwd");
-  auto [w, W] = prepared_weight(weight, logits, "ce_index_bwd");
-  const at::Tensor gn = per_row(grad_nll, logits, "grad_nll");
-  const at::Tensor gs = per_row(grad_smooth, logits, "grad_smooth");
-  const at::Tensor l = lse_of(lse, logits);
+  check_index_target(logits, target, k.opt.ignore_index, "ce_index_bwd");
+  auto [w, W] = prepared_weight(k.optional(3), logits, "ce_index_bwd");
+  const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
+  const at::Tensor l = lse_of(k.tensor(4), logits);
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
-  if (logits.numel() == 0) return gx;
-  const IndexBwdArgs a{gn.const_data_ptr(),
-                       gn.stride(0),
-                       gs.const_data_ptr(),
-                       gs.stride(0),
-                       logits.const_data_ptr(),
-                       logits.stride(0),
-                       logits.size(1),
-                       target.const_data_ptr<int64_t>(),
-                       target.stride(0),
-                       data_or_null(w),
-                       W,
-                       l.const_data_ptr<double>(),
-                       ignore_index,
-                       with_smooth,
-                       gx.mutable_data_ptr(),
-                       streams_well(gx)};
-  ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
-  return gx;
+  if (logits.numel() > 0) {
+    const auto [nll_scale, smooth_scale] = smoothing_scales(k.opt, logits.size(1));
+    const IndexBwdArgs a{g.const_data_ptr(),
+                         g.stride(0),
+                         logits.const_data_ptr(),
+                         logits.stride(0),
+                         logits.size(1),
+                         target.const_data_ptr<int64_t>(),
+                         target.stride(0),
+                         data_or_null(w),
+                         W,
+                         l.const_data_ptr<double>(),
+                         k.opt.ignore_index,
+                         k.opt.with_smooth(),
+                         nll_scale,
+                         smooth_scale,
+                         gx.mutable_data_ptr(),
+                         streams_well(gx)};
+    ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
+  }
+  torch::jit::push(*stack, std::move(gx));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_soft_fwd(const at::Tensor& logits,
-                                                           const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           double label_smoothing) {
+// Soft targets in the logits' layout: unit class stride.
+at::Tensor soft_target(const at::Tensor& target) {
+  return target.size(1) <= 1 || target.stride(1) == 1 ? target : target.contiguous();
+}
+
+// (logits, target, weight, options...) -> (loss, lse, tsum)
+void ce_soft_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const KernelCall k(op, stack, 3);
+  const at::Tensor& logits = k.tensor(0);
   check_logits(logits, "ce_soft_fwd");
-  check_soft_target(logits, target, "ce_soft_fwd");
-  auto [w, W] = prepared_weight(weight, logits, "ce_soft_fwd");
-  const at::Tensor t = target.size(1) <= 1 || target.stride(1) == 1 ? target : target.contiguous();
+  check_soft_target(logits, k.tensor(1), "ce_soft_fwd");
+  auto [w, W] = prepared_weight(k.optional(2), logits, "ce_soft_fwd");
+  const at::Tensor t = soft_target(k.tensor(1));
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
   at::Tensor loss = at::empty({rows}, opts), tsum = at::empty({rows}, opts);
   at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kDouble));
-  if (rows == 0) return {loss, lse, tsum};
-  TORCH_CHECK(C > 0, "softmax_ext::ce_soft_fwd: no classes");
-  const SoftFwdArgs a{logits.const_data_ptr(),
-                      logits.stride(0),
-                      C,
-                      t.const_data_ptr(),
-                      t.stride(0),
-                      data_or_null(w),
-                      label_smoothing,
-                      loss.mutable_data_ptr(),
-                      lse.mutable_data_ptr<double>(),
-                      tsum.mutable_data_ptr()};
-  ce_soft_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
-  return {loss, lse, tsum};
+  if (rows > 0) {
+    TORCH_CHECK(C > 0, "softmax_ext::ce_soft_fwd: no classes");
+    const SoftFwdArgs a{logits.const_data_ptr(),
+                        logits.stride(0),
+                        C,
+                        t.const_data_ptr(),
+                        t.stride(0),
+                        data_or_null(w),
+                        k.opt.label_smoothing,
+                        loss.mutable_data_ptr(),
+                        lse.mutable_data_ptr<double>(),
+                        tsum.mutable_data_ptr()};
+    ce_soft_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
+  }
+  torch::jit::push(*stack, std::move(loss), std::move(lse), std::move(tsum));
 }
 
-at::Tensor ce_soft_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
-                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                       const at::Tensor& lse, const at::Tensor& tsum, double label_smoothing) {
+// (grad_loss, logits, target, weight, lse, tsum, options...) -> grad_logits
+void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const KernelCall k(op, stack, 6);
+  const at::Tensor& logits = k.tensor(1);
   check_logits(logits, "ce_soft_bwd");
-  check_soft_target(logits, target, "ce_soft_bwd");
-  auto [w, W] = prepared_weight(weight, logits, "ce_soft_bwd");
-  const at::Tensor t = target.size(1) <= 1 || target.stride(1) == 1 ? target : target.contiguous();
-  const at::Tensor g = per_row(grad_loss, logits, "grad_loss");
-  const at::Tensor ts = per_row(tsum, logits, "tsum").contiguous();
-  const at::Tensor l = lse_of(lse, logits);
+  check_soft_target(logits, k.tensor(2), "ce_soft_bwd");
+  auto [w, W] = prepared_weight(k.optional(3), logits, "ce_soft_bwd");
+  const at::Tensor t = soft_target(k.tensor(2));
+  const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
+  const at::Tensor ts = per_row(k.tensor(5), logits, "tsum").contiguous();
+  const at::Tensor l = lse_of(k.tensor(4), logits);
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
-  if (logits.numel() == 0) return gx;
-  const SoftBwdArgs a{g.const_data_ptr(),  g.stride(0),     logits.const_data_ptr(),
-                      logits.stride(0),    logits.size(1),  t.const_data_ptr(),
-                      t.stride(0),         data_or_null(w), l.const_data_ptr<double>(),
-                      ts.const_data_ptr(), label_smoothing, gx.mutable_data_ptr()};
-  ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
-  return gx;
+  if (logits.numel() > 0) {
+    const SoftBwdArgs a{g.const_data_ptr(),  g.stride(0),           logits.const_data_ptr(),
+                        logits.stride(0),    logits.size(1),        t.const_data_ptr(),
+                        t.stride(0),         data_or_null(w),       l.const_data_ptr<double>(),
+                        ts.const_data_ptr(), k.opt.label_smoothing, gx.mutable_data_ptr()};
+    ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
+  }
+  torch::jit::push(*stack, std::move(gx));
 }
 
 }  // namespace
 }  // namespace sme
 
+// Boxed: each kernel reads the option block by name (csrc/loss_options.h), so a new option needs
+// no new parameter here.
 TORCH_LIBRARY_IMPL(softmax_ext, CPU, m) {
-  m.impl("ce_index_fwd", &sme::ce_index_fwd);
-  m.impl("ce_index_bwd", &sme::ce_index_bwd);
-  m.impl("ce_soft_fwd", &sme::ce_soft_fwd);
-  m.impl("ce_soft_bwd", &sme::ce_soft_bwd);
+  m.impl("ce_index_fwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_index_fwd>());
+  m.impl("ce_index_bwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_index_bwd>());
+  m.impl("ce_soft_fwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_soft_fwd>());
+  m.impl("ce_soft_bwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_soft_bwd>());
 }

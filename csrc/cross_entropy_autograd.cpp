@@ -1,60 +1,55 @@
-// softmax_ext::cross_entropy_index: class-index cross-entropy with its reduction, differentiable in
-// C++.
+// softmax_ext::cross_entropy_index and ::cross_entropy_soft: cross-entropy with its reduction, and
+// its one autograd node per target kind, the same for every device and backend.
 //
-// The forward and backward call the per-row operators ce_index_fwd / ce_index_bwd through the
-// dispatcher, so one autograd node serves every device those have kernels for (C++ on CPU, Triton
-// on CUDA). Being a C++ autograd node rather than a Python torch.autograd.Function is the point: at
-// small shapes (a 256 x 10 batch) the Python Function's bookkeeping, and the Python-level ops of
-// the reduction, cost more than both kernels together.
-#include <ATen/core/Reduction.h>
+// Forward calls the per-row kernel ce_*_fwd, reduces, and saves the logits, targets, weights and
+// O(rows) statistics; backward scales the incoming gradient per row and calls ce_*_bwd. Kernels get
+// the option block (csrc/loss_options.h) whole, as the operator received it.
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "autograd_node.h"
+#include "loss_options.h"
 
 namespace sme {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+// The arguments of cross_entropy_index / cross_entropy_soft: logits, target, weight, the option
+// block, backend.
+constexpr size_t kOptionsBegin = 3;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                              const std::optional<at::Tensor>&,
-                                                              int64_t, bool);
-using BwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                          int64_t, bool);
+struct Call {
+  at::Tensor logits, target, weight;  // weight undefined when absent
+  std::vector<c10::IValue> options;   // the option block, passed on to the kernels as is
+  LossOptions opt;
+  int64_t backend = 0;
 
-// Looked up on first use: the schemas are defined by softmax_ext/ops.py, which may import after us.
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("softmax_ext::ce_index_fwd", "")
-                             .typed<FwdSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("softmax_ext::ce_index_bwd", "")
-                             .typed<BwdSig>();
-  return op;
-}
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
-// PyTorch's denominator of a mean: the number of non-ignored targets, or with class weights the sum
-// of their weights. The gather uses clamped targets so that it can never assert on a device (an
-// out-of-range target is reported by the kernels; its row is excluded here anyway).
-at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& weight,
-                            int64_t ignore_index, int64_t n_classes) {
-  const at::Tensor valid = target.ne(ignore_index);
-  if (!weight.defined()) return valid.sum();  // int64: dividing a float by it promotes
-  return weight.gather(0, target.clamp(0, n_classes - 1)).mul_(valid).sum();
-}
-
-struct LossAndState {
-  at::Tensor loss, lse, denom;
+  // Pops the operator's arguments off the stack.
+  static Call pop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+    const auto& schema = op.schema();
+    const size_t n = schema.arguments().size();
+    auto args = torch::jit::last(*stack, n);
+    Call c;
+    c.logits = args[0].toTensor();
+    c.target = args[1].toTensor();
+    if (!args[2].isNone()) c.weight = args[2].toTensor();
+    c.options.assign(args.begin() + kOptionsBegin, args.end() - 1);
+    c.opt = LossOptions::read(schema, args, kOptionsBegin, n - 1);
+    c.backend = args[n - 1].toInt();
+    torch::jit::drop(*stack, n);
+    return c;
+  }
 };
+
+// A kernel's arguments: tensors (an undefined one is None), then the option block.
+torch::jit::Stack kernel_args(std::initializer_list<at::Tensor> tensors,
+                              const std::vector<c10::IValue>& options) {
+  torch::jit::Stack s;
+  s.reserve(tensors.size() + options.size());
+  for (const at::Tensor& t : tensors) s.push_back(optional_tensor(t));
+  s.insert(s.end(), options.begin(), options.end());
+  return s;
+}
 
 // The number of classes as a plain integer. Under torch.compile and export these functions also run
 // on fake tensors with symbolic shapes: the row count stays symbolic (sym_size everywhere), so a
@@ -64,114 +59,273 @@ int64_t class_count(const at::Tensor& logits) {
   return logits.sym_size(1).guard_int(__FILE__, __LINE__);
 }
 
-LossAndState forward_impl(const at::Tensor& logits, const at::Tensor& target,
-                          const at::Tensor& weight, int64_t ignore_index, double eps,
-                          int64_t reduction) {
-  const bool with_smooth = eps > 0.0;
-  auto [nll, smooth, lse] =
-      fwd_op().call(logits, target, defined_or_none(weight), ignore_index, with_smooth);
-  at::Tensor rows = nll;
-  if (with_smooth)
-    rows = nll.mul(1.0 - eps).add_(smooth, eps / static_cast<double>(class_count(logits)));
-  at::Tensor denom;
+// ---- the reduction, for both target kinds -------------------------------------------------------
+
+// PyTorch's denominator of a class-index mean: the number of non-ignored targets, or with class
+// weights the sum of their weights. The gather uses clamped targets so that it can never assert on
+// a device (an out-of-range target is reported by the kernels; its row is excluded here anyway).
+// A soft-target mean divides by the number of rows, weighted or not: no tensor (the row count stays
+// symbolic under torch.compile).
+at::Tensor index_mean_denominator(const Call& c) {
+  const at::Tensor valid = c.target.ne(c.opt.ignore_index);
+  // counted in the loss's dtype, as torch's total_weight: the division needs no type promotion
+  if (!c.weight.defined())
+    return valid.sum(at::typeMetaToScalarType(c.logits.dtype()) == at::kDouble ? at::kDouble
+                                                                               : at::kFloat);
+  return c.weight.gather(0, c.target.clamp(0, class_count(c.logits) - 1)).mul_(valid).sum();
+}
+
+// A mean divides by `denom` when it is defined, else by the number of rows.
+at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& denom) {
   switch (reduction) {
     case at::Reduction::None:
-      return {rows, lse, denom};
+      return rows;
     case at::Reduction::Sum:
-      return {rows.sum(), lse, denom};
+      return rows.sum();
     case at::Reduction::Mean:
-      denom = mean_denominator(target, weight, ignore_index, class_count(logits));
-      return {rows.sum().div_(denom), lse, denom};
+      return denom.defined() ? rows.sum().div_(denom) : rows.sum().div(rows.sym_size(0));
     default:
-      TORCH_CHECK_VALUE(false, "softmax_ext::cross_entropy_index: unknown reduction ", reduction);
+      TORCH_CHECK_VALUE(false, "softmax_ext: unknown reduction ", reduction);
   }
 }
 
-// d loss / d per-row term, scaled by coef: grad itself ('none') or a stride-0 expansion of a
-// scalar.
+// d loss / d per-row loss: the gradient itself ('none') or a stride-0 expansion of a scalar.
 at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, const c10::SymInt& rows,
-                     const at::Tensor& denom, double coef) {
-  at::Tensor g = reduction == at::Reduction::Mean ? grad.div(denom) : grad;
-  if (coef != 1.0) g = g.mul(coef);
-  return reduction == at::Reduction::None ? g : g.expand_symint({rows});
+                     const at::Tensor& denom) {
+  if (reduction == at::Reduction::None) return grad;
+  const at::Tensor g = reduction != at::Reduction::Mean ? grad
+                       : denom.defined()                ? grad.div(denom)
+                                                        : grad.div(rows);
+  return g.expand_symint({rows});
 }
 
-// The backward as torch's own, for backward with create_graph=True: torch's cross-entropy of the
-// saved logits, differentiated with a graph, gives exactly its second derivatives (and gradients
-// with respect to the incoming gradient). Only double backward pays for this; the first-order path
-// builds no graph and calls the kernels.
-at::Tensor differentiable_grad(const at::Tensor& grad, const at::Tensor& logits,
-                               const at::Tensor& target, const at::Tensor& w, int64_t ignore_index,
-                               double eps, int64_t reduction) {
-  const at::Tensor loss = at::cross_entropy_loss(logits.to(grad.scalar_type()), target,
-                                                 defined_or_none(w), reduction, ignore_index, eps);
-  return torch::autograd::grad({loss}, {logits}, {grad}, /*retain_graph=*/true,
-                               /*create_graph=*/true)[0];
+// Whether this backward must itself be differentiable: backward with create_graph=True (or under
+// torch.func, whose transforms differentiate with a graph) where the saved inputs or the incoming
+// gradient still need a gradient (a torch.func transform that has returned leaves neither).
+bool differentiable_backward(const at::Tensor& grad, std::initializer_list<at::Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (grad.requires_grad()) return true;
+  for (const at::Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
 }
 
-struct CrossEntropyIndexFunction : public torch::autograd::Function<CrossEntropyIndexFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
-                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                            int64_t ignore_index, double eps, int64_t reduction) {
-    const at::Tensor w = weight.value_or(at::Tensor());
-    LossAndState r = forward_impl(logits, target, w, ignore_index, eps, reduction);
-    ctx->save_for_backward({logits, target, w, r.lse, r.denom});
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["reduction"] = reduction;
-    return r.loss;
+// An input as a source of torch::autograd::grad: itself, or a detached copy that requires a
+// gradient when it does not (then only the gradient's own graph matters).
+at::Tensor as_source(const at::Tensor& t) {
+  return t.requires_grad() ? t : t.detach().requires_grad_(true);
+}
+
+// The backward as torch's own, for a differentiable backward: `loss_of(inputs)` is torch's
+// cross-entropy of the saved inputs; differentiated with a graph it gives exactly torch's second
+// derivatives and gradients with respect to the incoming gradient. Only double backward pays for
+// this; the first-order path builds no graph and calls the kernels. Empty when no graph arises.
+template <typename LossOf>
+variable_list differentiable_grads(const at::Tensor& grad, std::vector<at::Tensor> inputs,
+                                   const std::vector<bool>& wanted, const LossOf& loss_of) {
+  std::vector<at::Tensor> sources;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!wanted[i]) continue;
+    inputs[i] = as_source(inputs[i]);
+    sources.push_back(inputs[i]);
+  }
+  const at::Tensor loss = loss_of(inputs);
+  // No graph recorded (tensors of a torch.func transform that has returned, such as vjp's saved
+  // ones, look as if they needed a gradient but record nothing): the caller's first-order path.
+  if (!loss.requires_grad()) return {};
+  const variable_list found = torch::autograd::grad({loss}, sources, {grad}, /*retain_graph=*/true,
+                                                    /*create_graph=*/true, /*allow_unused=*/true);
+  variable_list out(inputs.size());
+  for (size_t i = 0, k = 0; i < inputs.size(); ++i) {
+    if (!wanted[i]) continue;
+    out[i] = found[k].defined() ? found[k] : at::zeros_like(inputs[i]);
+    ++k;
+  }
+  return out;
+}
+
+// ---- class-index targets ------------------------------------------------------------------------
+
+const Kernel& index_fwd() {
+  static const Kernel k("ce_index_fwd");
+  return k;
+}
+
+const Kernel& index_bwd() {
+  static const Kernel k("ce_index_bwd");
+  return k;
+}
+
+struct CrossEntropyIndexBackward : torch::autograd::Node {
+  SavedVariable logits_, target_, weight_, lse_, denom_;
+  std::vector<c10::IValue> options_;
+  LossOptions opt_;
+  int64_t backend_ = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined() || !should_compute_output(0)) return {at::Tensor()};
+    const auto self = getptr();
+    const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
+    if (differentiable_backward(grad, {x})) {
+      variable_list r = differentiable_grads(grad, {x}, {true}, [&](const auto& in) {
+        return at::cross_entropy_loss(in[0].to(grad.scalar_type()), t, maybe(w), opt_.reduction,
+                                      opt_.ignore_index, opt_.label_smoothing);
+      });
+      if (!r.empty()) return r;
+    }
+    const at::Tensor g = row_scale(grad, opt_.reduction, x.sym_size(0), denom_.unpack(self));
+    return {index_bwd()(backend_, kernel_args({g, x, t, w, lse_.unpack(self)}, options_))[0]
+                .toTensor()};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &logits = saved[0], &target = saved[1], &w = saved[2], &lse = saved[3],
-                     &denom = saved[4];
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const c10::SymInt rows = logits.sym_size(0);
-    const int64_t n_classes = class_count(logits);
-    const bool with_smooth = eps > 0.0;
-    at::Tensor grad_logits;
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      grad_logits = differentiable_grad(grads[0], logits, target, w, ignore_index, eps, reduction);
-    } else {
-      const at::Tensor g_nll = row_scale(grads[0], reduction, rows, denom, 1.0 - eps);
-      const at::Tensor g_smooth = with_smooth ? row_scale(grads[0], reduction, rows, denom,
-                                                          eps / static_cast<double>(n_classes))
-                                              : g_nll;
-      grad_logits = bwd_op().call(g_nll, g_smooth, logits, target, defined_or_none(w), lse,
-                                  ignore_index, with_smooth);
-    }
-    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  std::string name() const override { return "CrossEntropyIndexBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&logits_, &target_, &weight_, &lse_, &denom_}) v->reset_data();
   }
 };
 
-at::Tensor cross_entropy_index_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& weight,
-                                        int64_t ignore_index, double label_smoothing,
-                                        int64_t reduction) {
-  return CrossEntropyIndexFunction::apply(logits, target, weight, ignore_index, label_smoothing,
-                                          reduction);
+// Registered twice: for the Autograd key (kAutograd, builds the node when the logits need a
+// gradient) and for CompositeExplicitAutograd (below autograd: inference mode, tracing).
+template <bool kAutograd>
+void cross_entropy_index(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  Call c = Call::pop(op, stack);
+  decltype(make_node<CrossEntropyIndexBackward>()) node;
+  if (kAutograd && torch::autograd::compute_requires_grad(c.logits))
+    node = make_node<CrossEntropyIndexBackward>();
+  at::Tensor loss, lse, denom;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    torch::jit::Stack out =
+        index_fwd()(c.backend, kernel_args({c.logits, c.target, c.weight}, c.options));
+    lse = out[1].toTensor();
+    if (c.opt.reduction == at::Reduction::Mean) denom = index_mean_denominator(c);
+    loss = reduce(out[0].toTensor(), c.opt.reduction, denom);
+  }
+  if (node) {
+    node->set_next_edges(torch::autograd::collect_next_edges(c.logits));
+    torch::autograd::set_history(loss, node);
+    node->logits_ = SavedVariable(c.logits, false);
+    node->target_ = SavedVariable(c.target, false);
+    node->weight_ = SavedVariable(c.weight, false);
+    node->lse_ = SavedVariable(lse, false);
+    node->denom_ = SavedVariable(denom, false);
+    node->options_ = std::move(c.options);
+    node->opt_ = c.opt;
+    node->backend_ = c.backend;
+  }
+  torch::jit::push(*stack, std::move(loss));
 }
 
-// Below autograd (no_grad is not enough to get here: inference_mode, or tracing below the autograd
-// key): the same forward, nothing saved.
-at::Tensor cross_entropy_index_plain(const at::Tensor& logits, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                     double label_smoothing, int64_t reduction) {
-  return forward_impl(logits, target, weight.value_or(at::Tensor()), ignore_index, label_smoothing,
-                      reduction)
-      .loss;
+// ---- class-probability targets ------------------------------------------------------------------
+
+const Kernel& soft_fwd() {
+  static const Kernel k("ce_soft_fwd");
+  return k;
+}
+
+const Kernel& soft_bwd() {
+  static const Kernel k("ce_soft_bwd");
+  return k;
+}
+
+struct CrossEntropySoftBackward : torch::autograd::Node {
+  SavedVariable logits_, target_, weight_, lse_, tsum_;
+  std::vector<c10::IValue> options_;
+  LossOptions opt_;
+  int64_t backend_ = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor& grad = grads[0];
+    const std::vector<bool> wanted = {should_compute_output(0), should_compute_output(1),
+                                      should_compute_output(2)};
+    if (!grad.defined()) return variable_list(3);
+    const auto self = getptr();
+    const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
+    if (differentiable_backward(grad, {x, t, w})) {
+      variable_list r = differentiable_grads(grad, {x, t, w}, wanted, [&](const auto& in) {
+        return at::cross_entropy_loss(in[0].to(grad.scalar_type()), in[1].to(grad.scalar_type()),
+                                      maybe(in[2]), opt_.reduction, -100, opt_.label_smoothing);
+      });
+      if (!r.empty()) return r;
+    }
+    const at::Tensor lse = lse_.unpack(self);
+    const at::Tensor g = row_scale(grad, opt_.reduction, x.sym_size(0), at::Tensor());
+    variable_list out(3);
+    if (wanted[0])
+      out[0] = soft_bwd()(backend_, kernel_args({g, x, t, w, lse, tsum_.unpack(self)}, options_))[0]
+                   .toTensor();
+    if (wanted[1] || wanted[2]) {
+      // Rare (distillation with a learned teacher, learned class weights), so tensor ops on an
+      // N x C temporary rather than a kernel:
+      //   d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]) * g
+      //   d loss / d w[c] = sum over rows of q[c] * (lse - x[c]) * g, q the smoothed target
+      const double eps = opt_.label_smoothing;
+      at::Tensor neg_logp = lse.unsqueeze(1) - x.to(lse.scalar_type());
+      const at::Tensor gcol = g.unsqueeze(1);
+      if (wanted[2]) {
+        const at::Tensor q = t.to(lse.scalar_type()) * (1.0 - eps) + eps / class_count(x);
+        out[2] = (neg_logp * q * gcol).sum(0).to(w.scalar_type());
+      }
+      if (wanted[1]) {
+        if (w.defined()) neg_logp = neg_logp * w;
+        out[1] = (neg_logp * (gcol * (1.0 - eps))).to(t.scalar_type());
+      }
+    }
+    return out;
+  }
+
+  std::string name() const override { return "CrossEntropySoftBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&logits_, &target_, &weight_, &lse_, &tsum_}) v->reset_data();
+  }
+};
+
+template <bool kAutograd>
+void cross_entropy_soft(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  Call c = Call::pop(op, stack);
+  decltype(make_node<CrossEntropySoftBackward>()) node;
+  if (kAutograd && torch::autograd::compute_requires_grad(c.logits, c.target, c.weight))
+    node = make_node<CrossEntropySoftBackward>();
+  at::Tensor loss, lse, tsum;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    torch::jit::Stack out =
+        soft_fwd()(c.backend, kernel_args({c.logits, c.target, c.weight}, c.options));
+    lse = out[1].toTensor();
+    tsum = out[2].toTensor();
+    loss = reduce(out[0].toTensor(), c.opt.reduction, at::Tensor());
+  }
+  if (node) {
+    node->set_next_edges(torch::autograd::collect_next_edges(c.logits, c.target, c.weight));
+    torch::autograd::set_history(loss, node);
+    node->logits_ = SavedVariable(c.logits, false);
+    node->target_ = SavedVariable(c.target, false);
+    node->weight_ = SavedVariable(c.weight, false);
+    node->lse_ = SavedVariable(lse, false);
+    node->tsum_ = SavedVariable(tsum, false);
+    node->options_ = std::move(c.options);
+    node->opt_ = c.opt;
+    node->backend_ = c.backend;
+  }
+  torch::jit::push(*stack, std::move(loss));
 }
 
 }  // namespace
 }  // namespace sme
 
 TORCH_LIBRARY_IMPL(softmax_ext, Autograd, m) {
-  m.impl("cross_entropy_index", &sme::cross_entropy_index_autograd);
+  m.impl("cross_entropy_index",
+         torch::CppFunction::makeFromBoxedFunction<&sme::cross_entropy_index<true>>());
+  m.impl("cross_entropy_soft",
+         torch::CppFunction::makeFromBoxedFunction<&sme::cross_entropy_soft<true>>());
 }
 
 TORCH_LIBRARY_IMPL(softmax_ext, CompositeExplicitAutograd, m) {
-  m.impl("cross_entropy_index", &sme::cross_entropy_index_plain);
+  m.impl("cross_entropy_index",
+         torch::CppFunction::makeFromBoxedFunction<&sme::cross_entropy_index<false>>());
+  m.impl("cross_entropy_soft",
+         torch::CppFunction::makeFromBoxedFunction<&sme::cross_entropy_soft<false>>());
 }

@@ -7,6 +7,7 @@
 
 #include "dispatch.h"
 #include "grad_buffer.h"
+#include "row_block.h"
 #include "row_ops.h"
 
 namespace sme {
@@ -27,9 +28,53 @@ struct SoftmaxBwdArgs {
   bool log;
 };
 
+// Rows [i0, i0 + k), k <= kLanes, C <= kBlockMaxC, float accumulation: the row path's arithmetic
+// on a transposed block (row_block.h), one vertical operation per class for 16 rows.
+template <typename T>
+SME_INLINE void softmax_fwd_block(const SoftmaxFwdArgs& a, int64_t i0, int64_t k) {
+  alignas(64) float xt[kBlockMaxC * kLanes];
+  const int64_t C = a.C;
+  load_block(static_cast<const T*>(a.x) + i0 * C, C, C, k, xt);
+  vf m = splat(-kInf);
+  for (int64_t c = 0; c < C; ++c) m = vmax(loadu(xt + c * kLanes), m);
+  vf s = splat(0.0f);
+  for (int64_t c = 0; c < C; ++c) s += vexp_shifted(loadu(xt + c * kLanes) - m);
+  const vf r = a.log ? vlog(s) : splat(1.0f) / s;
+  for (int64_t c = 0; c < C; ++c) {
+    const vf d = loadu(xt + c * kLanes) - m;
+    storeu(xt + c * kLanes, a.log ? d - r : vexp_shifted(d) * r);
+  }
+  for (int64_t l = 0; l < k; ++l) store_block_row(xt, l, C, static_cast<T*>(a.y) + (i0 + l) * C);
+}
+
+template <typename T>
+SME_INLINE void softmax_bwd_block(const SoftmaxBwdArgs& a, int64_t i0, int64_t k) {
+  alignas(64) float gt[kBlockMaxC * kLanes], yt[kBlockMaxC * kLanes];
+  const int64_t C = a.C;
+  load_block(static_cast<const T*>(a.g) + i0 * C, C, C, k, gt);
+  load_block(static_cast<const T*>(a.y) + i0 * C, C, C, k, yt);
+  vf s = splat(0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    const vf g = loadu(gt + c * kLanes);
+    s += a.log ? g : g * loadu(yt + c * kLanes);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const vf g = loadu(gt + c * kLanes), y = loadu(yt + c * kLanes);
+    storeu(gt + c * kLanes, a.log ? g - vexp_shifted(y) * s : y * (g - s));
+  }
+  for (int64_t l = 0; l < k; ++l) store_block_row(gt, l, C, static_cast<T*>(a.gx) + (i0 + l) * C);
+}
+
 template <typename T>
 SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  if constexpr (std::is_same_v<A, float>) {
+    if (a.C <= kBlockMaxC) {
+      for (int64_t i = begin; i < end; i += kLanes)
+        softmax_fwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      return;
+    }
+  }
   alignas(64) A xbuf[kChunk], obuf[kChunk];
   const int64_t C = a.C;
   for (int64_t i = begin; i < end; ++i) {
@@ -53,6 +98,13 @@ SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t
 template <typename T>
 SME_INLINE void softmax_bwd_rows(const SoftmaxBwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  if constexpr (std::is_same_v<A, float>) {
+    if (a.C <= kBlockMaxC) {
+      for (int64_t i = begin; i < end; i += kLanes)
+        softmax_bwd_block<T>(a, i, std::min<int64_t>(kLanes, end - i));
+      return;
+    }
+  }
   alignas(64) A gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
   const int64_t C = a.C;
   for (int64_t i = begin; i < end; ++i) {

@@ -1,7 +1,8 @@
 """softmax_ext: fused, numerically stable softmax and softmax-cross-entropy kernels for PyTorch.
 
 C++ kernels serve CPU tensors, Triton kernels CUDA tensors; both sit behind torch.library operators
-wrapped in autograd Functions. The public API mirrors PyTorch's names and signatures.
+whose autograd nodes are C++, one per operator. The public API mirrors PyTorch's names and
+signatures.
 """
 
 from . import _cpp
@@ -12,7 +13,7 @@ from .nn import CrossEntropyLoss, LogSoftmax, Softmax, Softmax2d
 # Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once
 # (a missing build is JIT-compiled only when a CPU kernel is first needed), and resolve the backends
 # so that a first call inside torch.compile finds them ready.
-_ops.warm_kernel_cache(_cpp.try_import_built())
+_ops.warm_backend_cache(_cpp.try_import_built())
 
 empty_cache = _cpp.empty_cache
 

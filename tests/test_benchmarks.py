@@ -1,5 +1,7 @@
-"""Smoke tests of the benchmark harness (benchmarks/): a tiny sweep into a temporary folder, the
-schema of results.json, and the pieces that need no timing (bytes model, targets, report)."""
+"""Smoke tests of the benchmark harness (benchmarks/): a tiny sweep into a temporary folder (loop
+and single mode), the schema of results.json, a tiny core suite, and the pieces that need no
+timing (bytes model, targets on synthetic records, report, flag parsing). Nothing here asserts a
+speed: the machine need not be quiet."""
 
 from __future__ import annotations
 
@@ -15,11 +17,25 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import bandwidth, core, plots, report  # noqa: E402
-from benchmarks.cli import main  # noqa: E402
-from benchmarks.config import parse_shapes  # noqa: E402
+from benchmarks.cli import build_config, main, parse_args  # noqa: E402
+from benchmarks.config import (  # noqa: E402
+    CPU_FULL_SHAPES,
+    CPU_SHAPES,
+    DTYPE_ALIASES,
+    DTYPES,
+    Config,
+    parse_choices,
+    parse_shapes,
+)
+from benchmarks.runner import choose_single_reps  # noqa: E402
+from benchmarks.timing import Calibration, CpuTimer, Step, interleaved_single  # noqa: E402
 from benchmarks.trainer_bench import command  # noqa: E402
 
 SHAPES = [(64, 10), (32, 300)]
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Single mode covers the first shape only (640 elements), with 3 calls per implementation.
+SINGLE_MAX_ELEMS = 1000
+SINGLE_REPS = 3
 RECORD_FIELDS = {
     "op": str,
     "direction": str,
@@ -28,6 +44,7 @@ RECORD_FIELDS = {
     "rows": int,
     "classes": int,
     "dtype": str,
+    "mode": str,
     "median_ms": float,
     "min_ms": float,
     "max_ms": float,
@@ -48,9 +65,13 @@ def sweep(tmp_path_factory) -> tuple:
             "--shapes",
             shapes,
             "--dtypes",
-            "fp32,bf16",
+            "fp32,bf16,fp16",
             "--reps",
             "2",
+            "--single-max-elems",
+            str(SINGLE_MAX_ELEMS),
+            "--single-reps",
+            str(SINGLE_REPS),
             "--impls",
             "softmax_ext,torch",
             "--copy-mib",
@@ -82,19 +103,20 @@ def test_machine_fields(sweep):
 def test_every_measurement_is_recorded_with_the_schema(sweep):
     _, doc = sweep
     assert doc["errors"] == [], doc["errors"]
-    got = {
-        (r["op"], r["direction"], r["impl"], r["rows"], r["classes"], r["dtype"])
+    got = [
+        (r["op"], r["direction"], r["impl"], r["rows"], r["classes"], r["dtype"], r["mode"])
         for r in doc["records"]
-    }
+    ]
     want = {
-        (op, d, impl, n, c, dt)
+        (op, d, impl, n, c, dt, mode)
         for op in ("softmax", "log_softmax", "cross_entropy")
         for d in ("fwd", "bwd", "fwd+bwd")
         for impl in ("softmax_ext", "torch")
         for n, c in SHAPES
-        for dt in ("float32", "bfloat16")
+        for dt in DTYPE_NAMES
+        for mode in (("loop", "single") if n * c <= SINGLE_MAX_ELEMS else ("loop",))
     }
-    assert got == want
+    assert len(got) == len(set(got)) and set(got) == want
     for r in doc["records"]:
         for key, kind in RECORD_FIELDS.items():
             assert isinstance(r[key], kind), (key, r)
@@ -108,11 +130,37 @@ def test_every_measurement_is_recorded_with_the_schema(sweep):
         assert r[f"speedup_vs_{other}"] > 0
 
 
+def test_single_mode_records_are_single_calls(sweep):
+    _, doc = sweep
+    single = [r for r in doc["records"] if r["mode"] == "single"]
+    assert single and all((r["rows"], r["classes"]) == SHAPES[0] for r in single)
+    for r in single:
+        assert r["inner"] == 1 and r["reps"] == SINGLE_REPS, r
+    assert doc["config"]["modes"] == ["loop", "single"]
+    assert doc["config"]["single_between_ms"] > 0
+    # speed-ups compare implementations within one mode
+    loop = {
+        (r["op"], r["direction"], r["dtype"], r["impl"]): r
+        for r in doc["records"]
+        if r["mode"] == "loop" and (r["rows"], r["classes"]) == SHAPES[0]
+    }
+    for r in single:
+        other = "torch" if r["impl"] == "softmax_ext" else "softmax_ext"
+        peer = next(
+            p
+            for p in single
+            if p["impl"] == other
+            and (p["op"], p["direction"], p["dtype"]) == (r["op"], r["direction"], r["dtype"])
+        )
+        assert r[f"speedup_vs_{other}"] == pytest.approx(peer["median_ms"] / r["median_ms"])
+        assert (r["op"], r["direction"], r["dtype"], r["impl"]) in loop
+
+
 def test_cross_entropy_saves_o_of_n_for_backward(sweep):
     _, doc = sweep
     for r in doc["records"]:
         if r["op"] == "cross_entropy" and r["direction"] == "fwd+bwd":
-            size = r["rows"] * r["classes"] * (4 if r["dtype"] == "float32" else 2)
+            size = r["rows"] * r["classes"] * DTYPES[r["dtype"]].itemsize
             if r["impl"] == "softmax_ext":
                 assert r["saved_bytes"] <= 64 * r["rows"] + 64, r
             else:  # torch keeps the log-probabilities
@@ -123,6 +171,8 @@ def test_report_is_written(sweep):
     out, _ = sweep
     md = (out / "results.md").read_text()
     assert "vs torch" in md and "cross_entropy fwd+bwd" in md
+    assert "| mode |" in md and "| single |" in md and "| loop |" in md
+    assert "Cases slower than torch eager" in md and "every case: worst time" in md
 
 
 def test_plots(sweep, tmp_path):
@@ -141,40 +191,179 @@ def test_min_bytes_model():
     assert bandwidth.min_bytes("log_softmax", "bwd", 10, 10, torch.bfloat16) == 3 * 200
 
 
-def test_core_targets_from_records():
-    def rec(impl, shape, ms, saved=None):
-        return {
-            "op": "cross_entropy",
-            "direction": "fwd+bwd",
-            "dtype": "float32",
-            "rows": shape[0],
-            "classes": shape[1],
-            "impl": impl,
-            "median_ms": ms,
-            "saved_bytes": saved,
-        }
+def _rec(impl, shape, ms, op="cross_entropy", mode="loop", **fields):
+    """A synthetic record: fp32 fwd+bwd unless ``fields`` say otherwise."""
+    return {
+        "op": op,
+        "direction": "fwd+bwd",
+        "dtype": "float32",
+        "rows": shape[0],
+        "classes": shape[1],
+        "mode": mode,
+        "impl": impl,
+        "median_ms": ms,
+        "reps": 5,
+        "inner": 1 if mode == "single" else 100,
+        **fields,
+    }
 
-    big, small = core.CORE_LARGE, core.CORE_SMALL
+
+def _small_records(ratios: dict) -> list:
+    """softmax_ext and torch eager at 256x10 for every op and mode, ext/eager = ``ratios``."""
+    out = []
+    for (op, mode), ratio in ratios.items():
+        out += [
+            _rec("softmax_ext", core.CORE_SMALL, 0.1 * ratio, op, mode),
+            _rec("torch", core.CORE_SMALL, 0.1, op, mode),
+        ]
+    return out
+
+
+def _verdicts(targets: dict) -> dict:
+    return {t["id"]: t["pass"] for t in targets["items"]}
+
+
+def test_core_targets_from_records():
+    big = core.CORE_LARGE
+    small_ratios = {
+        ("cross_entropy", "loop"): 0.75,  # goal 0.8: pass
+        ("cross_entropy", "single"): 0.85,  # fail
+        ("softmax", "loop"): 1.0,  # goal 1.0: pass at equality
+        ("softmax", "single"): 0.9,
+        ("log_softmax", "loop"): 0.95,
+        ("log_softmax", "single"): 1.2,  # fail, and the worst case of the run
+    }
     records = [
-        rec("softmax_ext", big, 100.0, 8192 * 4),
-        rec("torch", big, 1200.0),
-        rec("torch.compile", big, 250.0),
-        rec("softmax_ext", small, 0.02),
-        rec("torch", small, 0.01),
+        _rec("softmax_ext", big, 100.0, saved_bytes=8192 * 4),
+        _rec("torch", big, 1200.0),
+        _rec("torch.compile", big, 250.0),
+        *_small_records(small_ratios),
+        # a case outside the named goals, slower than eager: counted by the summary target
+        _rec("softmax_ext", (4096, 1000), 2.2, "softmax", direction="bwd", dtype="float16"),
+        _rec("torch", (4096, 1000), 2.0, "softmax", direction="bwd", dtype="float16"),
+        _rec("torch.compile", (4096, 1000), 1.0, "softmax", direction="bwd", dtype="float16"),
     ]
     copy_gbps = 2 * 8192 * 32000 * 4 / 1e9 / 0.06  # floor = 60 ms
     targets = core.evaluate(records, copy_gbps)
-    verdicts = {t["name"].split(" at ")[0]: t["pass"] for t in targets["items"]}
-    assert verdicts == {
-        "speed-up vs torch eager": True,
-        "speed-up vs torch.compile": False,
-        "time / copy floor": True,
-        "saved for backward per row": True,
-        "time / torch eager time": False,
+    assert _verdicts(targets) == {
+        "large_vs_eager": True,
+        "large_vs_compile": False,
+        "large_copy_floor": True,
+        "large_saved_per_row": True,
+        "small_cross_entropy_loop": True,
+        "small_cross_entropy_single": False,
+        "small_softmax_loop": True,
+        "small_softmax_single": True,
+        "small_log_softmax_loop": True,
+        "small_log_softmax_single": False,
+        "no_slower_anywhere": False,
     }
-    assert not targets["all_pass"]
+    goals = {t["id"]: t["goal"] for t in targets["items"]}
+    assert goals["small_cross_entropy_loop"] == 0.8 and goals["small_softmax_single"] == 1.0
+    assert not targets["all_pass"] and targets["not_measured"] == 0
+    worst = next(t for t in targets["items"] if t["id"] == "no_slower_anywhere")
+    assert worst["value"] == pytest.approx(1.2)
+    assert "log_softmax fwd+bwd float32 256x10 single" in worst["detail"]
+    # beside eager: the 6 small cases, the large one (12x faster) and the fp16 softmax bwd
+    assert targets["cases"] == 8
+    slower = [(c["op"], c["mode"], round(c["ratio"], 2)) for c in targets["slower"]]
+    assert slower == [("log_softmax", "single", 1.2), ("softmax", "loop", 1.1)]
     text = core.format_targets(targets, {"device": "cpu (x)", "threads": 2, "copy_gbps": 1.0})
-    assert "FAIL" in text and "PASS" in text
+    assert "FAIL" in text and "PASS" in text and "NOT all targets met" in text
+    table = core.format_slower(targets)
+    assert "log_softmax fwd+bwd" in table and "softmax bwd" in table and "1.10" in table
+
+
+def test_core_targets_all_pass_and_none_slower():
+    records = _small_records(
+        {(op, mode): 0.5 for op in core.SMALL_GOALS for mode in ("loop", "single")}
+    )
+    targets = core.evaluate(records, 10.0)
+    assert all(_verdicts(targets).values()) and targets["all_pass"]
+    assert targets["slower"] == [] and targets["cases"] == 6
+    assert core.format_slower(targets).endswith("none")
+    assert "all targets met" in core.format_targets(targets, {})
+
+
+def test_core_targets_missing_mode_is_not_measured():
+    records = _small_records({(op, "loop"): 0.5 for op in core.SMALL_GOALS})
+    targets = core.evaluate(records, 10.0)
+    verdicts = _verdicts(targets)
+    assert verdicts["small_softmax_loop"] is True and verdicts["small_softmax_single"] is None
+    assert not targets["all_pass"] and targets["not_measured"] == 3
+    assert "3 not measured" in core.format_targets(targets, {})
+    # records from before the modes existed count as loop mode
+    legacy = [{k: v for k, v in r.items() if k != "mode"} for r in records]
+    assert _verdicts(core.evaluate(legacy, 10.0)) == verdicts
+    assert core.evaluate([], 10.0) is None
+
+
+def test_single_call_timing_interleaves_and_disturbs():
+    events = []
+
+    def step(name):
+        return Step(run=lambda: events.append(name), prepare=lambda: events.append(f"prep {name}"))
+
+    steps = {"a": step("a"), "b": step("b")}
+    samples = interleaved_single(steps, CpuTimer(), 4, lambda: events.append("work"))
+    assert {n: len(v) for n, v in samples.items()} == {"a": 4, "b": 4}
+    assert all(t >= 0 for v in samples.values() for t in v)
+    # every call follows the untimed work and its own preparation; the order rotates
+    assert events[:6] == ["work", "prep a", "a", "work", "prep b", "b"]
+    assert events[6:12] == ["work", "prep b", "b", "work", "prep a", "a"]
+
+
+def test_single_reps_follow_the_budget():
+    cfg = Config(device=torch.device("cpu"), single_reps=400, min_reps=3, group_budget_s=1.0)
+    fast = {"a": Calibration(0.0, 1e-4, 100), "b": Calibration(0.0, 1e-4, 100)}
+    assert choose_single_reps(cfg, fast, "fwd", 4e-4) == 400
+    slow = {"a": Calibration(0.0, 0.125, 1)}
+    assert choose_single_reps(cfg, slow, "fwd", 0.0) == 8
+    assert choose_single_reps(cfg, slow, "bwd", 0.0) == 4  # the untimed forward counts
+    assert choose_single_reps(cfg, {"a": Calibration(0.0, 2.0, 1)}, "fwd", 0.0) == 3
+    assert choose_single_reps(cfg.with_(single_reps=2), slow, "fwd", 0.0) == 2
+
+
+def test_core_suite_at_the_small_shape(tmp_path):
+    rc = main(
+        [
+            "--suite",
+            "core",
+            "--device",
+            "cpu",
+            "--shapes",
+            "256x10",
+            "--impls",
+            "softmax_ext,torch",
+            "--reps",
+            "2",
+            "--single-reps",
+            "3",
+            "--copy-mib",
+            "16",
+            "--rep-ms",
+            "1",
+            "--warmup-ms",
+            "2",
+            "--no-memory",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "core.json").read_text())
+    assert {(r["op"], r["mode"]) for r in doc["records"]} == {
+        (op, mode) for op in core.SMALL_GOALS for mode in ("loop", "single")
+    }
+    items = {t["id"]: t for t in doc["targets"]["items"]}
+    assert set(items) == {
+        *(f"small_{op}_{mode}" for op in core.SMALL_GOALS for mode in ("loop", "single")),
+        "no_slower_anywhere",
+    }
+    for t in items.values():  # measured, with a verdict; which one depends on the machine
+        assert t["value"] > 0 and t["pass"] in (True, False)
+    md = (tmp_path / "results.md").read_text()
+    assert "cross_entropy: time / torch eager at N=256, C=10, single" in md
 
 
 def test_trainer_section_in_markdown(tmp_path):
@@ -206,8 +395,34 @@ def test_trainer_section_in_markdown(tmp_path):
 
 def test_cli_parsing():
     assert parse_shapes("256x10, 8192x32000") == [(256, 10), (8192, 32000)]
+    assert parse_shapes("cpu,1024x128256,256x10") == list(CPU_FULL_SHAPES)
     with pytest.raises(ValueError):
         parse_shapes("256by10")
     assert main(["--ops", "nope"]) == 2
+    assert main(["--modes", "loop,twice"]) == 2
+    assert main(["--suite", "core", "--shapes", "64x10"]) == 2
     cmd = command("fused", Path("o"), 10, "data", torch.device("cpu"))
     assert cmd[1:5] == ["-m", "softmax_ext.train", "--loss", "fused"]
+
+
+def test_dtypes_and_default_sweep():
+    assert parse_choices("fp16,half,float16,bf16", list(DTYPES), "dtype", DTYPE_ALIASES) == [
+        "float16",
+        "bfloat16",
+    ]
+    assert DTYPES["float16"] is torch.float16
+    cfg = build_config(parse_args(["--device", "cpu", "--dtypes", "fp16"]))
+    assert cfg.dtypes == ["float16"]
+    cfg = build_config(parse_args(["--device", "cpu"]))
+    assert tuple(cfg.dtypes) == DTYPE_NAMES and tuple(cfg.modes) == ("loop", "single")
+    # issue 12's range exactly: 256x10 to 8192x32000
+    issue_range = ((256, 10), (4096, 1000), (4096, 32000), (8192, 32000))
+    assert tuple(cfg.shapes) == CPU_SHAPES == issue_range
+    assert [s for s in cfg.shapes if cfg.single_mode_at(*s)] == [(256, 10)]
+    core_cfg = build_config(parse_args(["--device", "cpu", "--suite", "core"]))
+    assert core.core_config(core_cfg).groups() == [
+        (8192, 32000, "float32", "cross_entropy"),
+        (256, 10, "float32", "cross_entropy"),
+        (256, 10, "float32", "softmax"),
+        (256, 10, "float32", "log_softmax"),
+    ]

@@ -18,29 +18,41 @@ def _opcheck_cases():
     x = torch.randn(6, 11)
     t = torch.tensor([0, 3, -100, 10, 2, 2])
     w = torch.rand(11)
-    nll, smooth, lse = OPS.ce_index_fwd(x, t, w, -100, True)
+    loss, lse = OPS.ce_index_fwd(x, t, w, -100, 0.1, 1)
     g = torch.randn(6)
     p = torch.rand(6, 11).softmax(1)
-    loss, lse_s, tsum = OPS.ce_soft_fwd(x, p, w, 0.1)
+    loss, lse_s, tsum = OPS.ce_soft_fwd(x, p, w, -100, 0.1, 1)
     y = OPS.softmax_fwd(x, 1, False)
+    # the option block: ignore_index, label_smoothing, reduction (0 none, 1 mean, 2 sum)
     return [
         (OPS.softmax_fwd, (torch.randn(3, 5, 4), 1, False)),
         (OPS.softmax_fwd, (torch.randn(3, 5, 4), 2, True)),
         (OPS.softmax_bwd, (torch.randn(6, 11), y, 1, False)),
-        (OPS.ce_index_fwd, (x, t, w, -100, True)),
-        (OPS.ce_index_fwd, (x, t, None, -100, False)),
-        (OPS.ce_index_bwd, (g, g.clone(), x, t, w, lse, -100, True)),
-        (OPS.ce_soft_fwd, (x, p, None, 0.0)),
-        (OPS.ce_soft_bwd, (g, x, p, w, lse_s, tsum, 0.1)),
-        # the fused, reduced loss with its C++ autograd node (inputs that need a gradient make
-        # opcheck test the autograd registration too): mean with weights, none, sum with smoothing
-        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.0, 1)),
-        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t.clamp(min=0), None, 2, 0.0, 0)),
-        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.2, 2)),
+        (OPS.ce_index_fwd, (x, t, w, -100, 0.1, 1)),
+        (OPS.ce_index_fwd, (x, t, None, -100, 0.0, 1)),
+        (OPS.ce_index_bwd, (g, x, t, w, lse, -100, 0.1, 1)),
+        (OPS.ce_soft_fwd, (x, p, None, -100, 0.0, 1)),
+        (OPS.ce_soft_bwd, (g, x, p, w, lse_s, tsum, -100, 0.1, 1)),
+        # the reduced losses and softmax with their C++ autograd nodes (inputs that need a
+        # gradient make opcheck test the autograd registration too): mean with weights, none, sum
+        # with smoothing; soft targets with gradients for the target and the weights too
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.0, 1, 0)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t.clamp(min=0), None, 2, 0.0, 0, 0)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.2, 2, 0)),
+        (
+            OPS.cross_entropy_soft,
+            (x.clone().requires_grad_(), p.clone().requires_grad_(), w, -100, 0.1, 1, 0),
+        ),
+        (
+            OPS.cross_entropy_soft,
+            (x.clone().requires_grad_(), p, w.clone().requires_grad_(), -100, 0.0, 0, 0),
+        ),
+        (OPS.softmax, (torch.randn(3, 5, 4, requires_grad=True), 1, False, 0)),
+        (OPS.softmax, (torch.randn(3, 5, 4, requires_grad=True), 2, True, 0)),
     ]
 
 
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(15))
 def test_opcheck(i):
     op, args = _opcheck_cases()[i]
     torch.library.opcheck(op, args)
@@ -182,9 +194,9 @@ def test_results_do_not_depend_on_thread_count():
 
 def test_backend_errors():
     with pytest.raises(RuntimeError, match="CPU tensors only|cpp"):
-        from softmax_ext.ops import kernels_for
+        from softmax_ext.ops import backend_code
 
-        kernels_for("cpp", torch.device("cuda"))
+        backend_code("cpp", torch.device("cuda"))
 
 
 def test_gradient_buffer_reuse_never_aliases_live_tensors():

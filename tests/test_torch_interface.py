@@ -331,3 +331,23 @@ def test_non_finite_weight_with_smoothing_stays_non_finite():
         ours = se.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
         theirs = F.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction)
         assert not theirs.isfinite().any() and not ours.isfinite().any()
+
+
+def _kernels_run(fn) -> set:
+    """The softmax_ext kernels that ``fn()`` runs, from the profiler's operator events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("softmax_ext::")}
+
+
+def test_torch_func_runs_the_kernels_not_a_fallback():
+    # torch.func transforms go through the operators' C++ nodes: the forward kernels run (the
+    # first-order backward under torch.func differentiates torch's formula, as double backward)
+    x, t = torch.randn(4, 5), torch.tensor([0, 2, 1, 4])
+    ran = _kernels_run(lambda: torch.func.grad(lambda x: se.cross_entropy(x, t))(x))
+    assert "softmax_ext::ce_index_fwd" in ran
+    batch = torch.randn(3, 4, 5)
+    ran = _kernels_run(lambda: torch.func.vmap(lambda x: se.log_softmax(x, 1))(batch))
+    assert "softmax_ext::softmax_fwd" in ran
+    ran = _kernels_run(lambda: torch.func.jacrev(lambda x: se.softmax(x, 1))(x))
+    assert "softmax_ext::softmax_fwd" in ran
