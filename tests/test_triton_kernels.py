@@ -7,6 +7,9 @@ References are float64 PyTorch computations.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,7 +56,14 @@ def block(request, monkeypatch) -> None:
 
 
 def kernels(device: str):
-    return ops.kernels_for("triton", torch.device(device))
+    """The six kernel operators as backend='triton' serves them: those of ops.BACKEND_TRITON on
+    CPU (the interpreter), the default ones on CUDA."""
+    return ops.kernels("triton", torch.device(device))
+
+
+def opts(eps: float = 0.0, ignore_index: int = -100, reduction: int = 1) -> ops.LossOptions:
+    """The cross-entropy kernels' option block (splat it after the tensors)."""
+    return ops.LossOptions(ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
 
 
 def assert_close(actual, expected, atol=1e-12, rtol=1e-10):
@@ -64,10 +74,8 @@ def assert_close(actual, expected, atol=1e-12, rtol=1e-10):
 
 # ---------------------------------------------------------------- references (float64 torch)
 def ref_index(x, t, w, ignore_index, gn, gs=None):
-    """(nll, smooth, lse, grad) of the ce_index ops, from log_softmax and autograd.
-
-    ``gs`` None: the gradient leaves the smoothing term out (``with_smooth`` False).
-    """
+    """(nll, smooth, lse, grad) from log_softmax and autograd: grad = d/dx of
+    sum(gn * nll + gs * smooth), the smoothing term left out when ``gs`` is None."""
     x = x.detach().double().requires_grad_()
     n, c = x.shape
     w = torch.ones(c, dtype=torch.float64, device=x.device) if w is None else w.double()
@@ -81,6 +89,20 @@ def ref_index(x, t, w, ignore_index, gn, gs=None):
         objective = objective + (gs.double() * smooth).sum()
     objective.backward()
     return nll.detach(), smooth.detach(), torch.logsumexp(x.detach(), 1), x.grad
+
+
+def ref_index_loss(x, t, w, ignore_index, g, eps):
+    """(loss, lse, grad) of the ce_index kernels with label smoothing ``eps``, from the float64
+    :func:`ref_index` terms: loss = (1 - eps) * nll + (eps / C) * smooth, grad for
+    grad_nll = (1 - eps) g and grad_smooth = (eps / C) g. eps == 0 is nll alone (so a NaN smooth
+    term, e.g. weight 0 on a -inf logit, stays out), as in torch."""
+    c = x.shape[1]
+    g = g.double()
+    if eps == 0:
+        nll, _, lse, grad = ref_index(x, t, w, ignore_index, g)
+        return nll, lse, grad
+    nll, smooth, lse, grad = ref_index(x, t, w, ignore_index, (1 - eps) * g, (eps / c) * g)
+    return (1 - eps) * nll + (eps / c) * smooth, lse, grad
 
 
 def ref_soft(x, q, w, eps, g):
@@ -170,29 +192,40 @@ def _index_case(device, n, c, weighted, ignore_index, gen_seed=0):
     return x, t, w
 
 
+#: Label smoothing of the index tests: 0 is the nll term alone (WITH_SMOOTH off), 1 the smoothing
+#: term alone (scaled by 1 / C), 0.3 both.
+INDEX_EPS = [0.0, 0.3, 1.0]
+
+
 @pytest.mark.parametrize("c", [1, 5, 8, 13])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("ignore_index", [-100, 2])
-@pytest.mark.parametrize("with_smooth", [False, True], ids=["nll", "smooth"])
-def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, with_smooth):
+@pytest.mark.parametrize("eps", INDEX_EPS)
+def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, eps):
     n = 7
     x, t, w = _index_case(device, n, c, weighted, ignore_index)
     assert x.stride(0) == c + 3 and t.stride(0) == 2 and t.storage_offset() == 1
-    gn = torch.randn(n, dtype=torch.float64, device=device)
-    gs = torch.randn((), dtype=torch.float64, device=device).expand(n)  # stride 0
+    g = torch.randn(n, dtype=torch.float64, device=device)
+    g0 = torch.randn((), dtype=torch.float64, device=device).expand(n)  # stride 0
     k = kernels(device)
-    nll, smooth, lse = k.ce_index_fwd(x, t, w, ignore_index, with_smooth)
-    r_nll, r_smooth, r_lse, r_grad = ref_index(
-        x, t, w, ignore_index, gn, gs if with_smooth else None
-    )
-    assert nll.dtype == smooth.dtype == lse.dtype == torch.float64  # lse: float64 always
-    assert_close(nll, r_nll)
+    o = opts(eps, ignore_index)
+    loss, lse = k.ce_index_fwd(x, t, w, *o)
+    r_loss, r_lse, r_grad = ref_index_loss(x, t, w, ignore_index, g, eps)
+    assert loss.dtype == lse.dtype == torch.float64  # lse: float64 always
+    assert_close(loss, r_loss)
     assert_close(lse, r_lse)
-    assert_close(smooth, r_smooth if with_smooth else torch.zeros_like(r_smooth))
-    grad = k.ce_index_bwd(gn, gs, x, t, w, lse, ignore_index, with_smooth)
+    torch_loss = F.cross_entropy(
+        x, t, w, ignore_index=ignore_index, label_smoothing=eps, reduction="none"
+    )
+    assert_close(loss, torch_loss)
+    assert (loss[t == ignore_index] == 0).all()
+    grad = k.ce_index_bwd(g, x, t, w, lse, *o)
     assert grad.is_contiguous() and grad.shape == x.shape
     assert_close(grad, r_grad)
     assert (grad[t == ignore_index] == 0).all()
+    assert_close(
+        k.ce_index_bwd(g0, x, t, w, lse, *o), ref_index_loss(x, t, w, ignore_index, g0, eps)[2]
+    )
 
 
 def test_ce_index_lse_ignores_padding(device, block):
@@ -201,13 +234,19 @@ def test_ce_index_lse_ignores_padding(device, block):
     x[1, 4] = -INF
     x[2, :4] = -INF
     t = torch.tensor([0, 1, 4], device=device)
-    nll, _, lse = kernels(device).ce_index_fwd(x, t, None, -100, True)
+    k = kernels(device)
+    loss, lse = k.ce_index_fwd(x, t, None, *opts())
     assert_close(lse, torch.logsumexp(x, 1))
-    assert torch.isfinite(nll).all()
+    assert torch.isfinite(loss).all()
+    # With smoothing the -inf logits make the loss of rows 1 and 2 infinite, as in torch.
+    loss, lse = k.ce_index_fwd(x, t, None, *opts(0.1))
+    assert_close(lse, torch.logsumexp(x, 1))
+    assert_close(loss, F.cross_entropy(x, t, label_smoothing=0.1, reduction="none"))
+    assert torch.isfinite(loss[0])
 
 
-@pytest.mark.parametrize("with_smooth", [False, True], ids=["nll", "smooth"])
-def test_ce_index_hostile_values(device, block, with_smooth):
+@pytest.mark.parametrize("eps", INDEX_EPS)
+def test_ce_index_hostile_values(device, block, eps):
     x = torch.randn(7, 6, dtype=torch.float64, device=device)
     x[0, 2] = INF
     x[1, 3] = NAN
@@ -219,19 +258,21 @@ def test_ce_index_hostile_values(device, block, with_smooth):
     t = torch.tensor([1, 1, 0, 5, 3, -100, 2], device=device)
     w = torch.rand(6, dtype=torch.float64, device=device) + 0.5
     w[0] = 0
-    gn = torch.ones(7, dtype=torch.float64, device=device)
-    gs = torch.full((7,), 0.25, dtype=torch.float64, device=device)
+    g = torch.linspace(0.5, 2.0, 7, dtype=torch.float64, device=device)
     k = kernels(device)
-    nll, smooth, lse = k.ce_index_fwd(x, t, w, -100, with_smooth)
-    r_nll, r_smooth, _, r_grad = ref_index(x, t, w, -100, gn, gs if with_smooth else None)
-    assert_close(nll, r_nll)
-    if with_smooth:
-        assert_close(smooth, r_smooth)
-    grad = k.ce_index_bwd(gn, gs, x, t, w, lse, -100, with_smooth)
+    loss, lse = k.ce_index_fwd(x, t, w, *opts(eps))
+    r_loss, _, r_grad = ref_index_loss(x, t, w, -100, g, eps)
+    assert_close(loss, r_loss)
+    grad = k.ce_index_bwd(g, x, t, w, lse, *opts(eps))
     assert_close(grad[:5], r_grad[:5])
     assert (grad[5] == 0).all()
     assert_close(grad[6], r_grad[6])
-    assert torch.isnan(nll[:3]).all() and torch.isfinite(nll[3:]).all()
+    assert torch.isnan(loss[:3]).all() and loss[5] == 0
+    if eps == 0:
+        assert torch.isfinite(loss[3:]).all()
+    else:
+        # A -inf logit makes the smoothing term infinite, NaN where its weight is 0 (rows 3, 4).
+        assert torch.isnan(loss[3:5]).all() and loss[6] == INF
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -241,21 +282,20 @@ def test_ce_index_half_types(device, block, dtype):
     x[0] = 0
     x[0, 4] = 10  # confident row: its true-class gradient p - 1 ~ -3e-4 needs fp32
     t = torch.tensor([4, 1, 2, 3, 10, 0], device=device)
-    gn = torch.ones((), device=device).expand(n)
+    g = torch.ones((), device=device).expand(n)
     k = kernels(device)
-    nll, smooth, lse = k.ce_index_fwd(x, t, None, -100, True)
-    assert nll.dtype == smooth.dtype == torch.float32 and lse.dtype == torch.float64
-    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, None, -100, gn.double(), gn.double())
-    assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
-    assert_close(smooth, r_smooth, atol=1e-4, rtol=1e-5)
-    assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
-    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, True)
-    assert grad.dtype == dtype
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    assert_close(grad, r_grad, atol=tol * c, rtol=tol)
-    _, _, _, r_nll_grad = ref_index(x, t, None, -100, gn.double())
-    g_nll = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, False)
-    assert abs(float(g_nll[0, 4]) / float(r_nll_grad[0, 4]) - 1) < 1e-2
+    for eps in INDEX_EPS:
+        loss, lse = k.ce_index_fwd(x, t, None, *opts(eps))
+        assert loss.dtype == torch.float32 and lse.dtype == torch.float64
+        r_loss, r_lse, r_grad = ref_index_loss(x, t, None, -100, g, eps)
+        assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
+        assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+        grad = k.ce_index_bwd(g, x, t, None, lse, *opts(eps))
+        assert grad.dtype == dtype
+        assert_close(grad, r_grad, atol=tol * c, rtol=tol)
+        if eps == 0:
+            assert abs(float(grad[0, 4]) / float(r_grad[0, 4]) - 1) < 1e-2
 
 
 def test_ce_large_logits_keep_gradient_accuracy(device, block):
@@ -264,14 +304,14 @@ def test_ce_large_logits_keep_gradient_accuracy(device, block):
     t = torch.tensor([0, 3, 8, 5], device=device)
     g = torch.ones(4, device=device)
     k = kernels(device)
-    _, _, lse = k.ce_index_fwd(x, t, None, -100, False)
+    _, lse = k.ce_index_fwd(x, t, None, *opts())
     assert lse.dtype == torch.float64
-    grad = k.ce_index_bwd(g, g, x, t, None, lse, -100, False)
+    grad = k.ce_index_bwd(g, x, t, None, lse, *opts())
     assert_close(grad, ref_index(x, t, None, -100, g)[3], atol=1e-6, rtol=1e-5)
     q = torch.softmax(torch.randn(4, 9, device=device), 1)
-    _, lse, tsum = k.ce_soft_fwd(x, q, None, 0.0)
+    _, lse, tsum = k.ce_soft_fwd(x, q, None, *opts())
     assert_close(
-        k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0),
+        k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts()),
         ref_soft(x, q, None, 0.0, g)[3],
         atol=1e-6,
         rtol=1e-5,
@@ -286,9 +326,9 @@ def test_ce_index_bad_targets_raise_on_cpu():
     for bad in (5, -1, -101, 2**40):
         t = torch.tensor([0, -100, bad, 1])
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
-            k.ce_index_fwd(x, t, None, -100, False)
+            k.ce_index_fwd(x, t, None, *opts())
         with pytest.raises(IndexError):
-            k.ce_index_bwd(torch.ones(4), torch.ones(4), x, t, None, torch.zeros(4), -100, False)
+            k.ce_index_bwd(torch.ones(4), x, t, None, torch.zeros(4, dtype=torch.float64), *opts())
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
             softmax_ext.cross_entropy(x, t, backend="triton")
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
@@ -307,14 +347,16 @@ def test_ce_soft_matches_torch(device, block, c, weighted, eps):
     w = torch.rand(c, dtype=torch.float64, device=device) if weighted else None
     g = torch.randn(n, dtype=torch.float64, device=device)
     k = kernels(device)
-    loss, lse, tsum = k.ce_soft_fwd(x, q, w, eps)
+    # ignore_index and reduction do not concern soft targets: any value gives the same result.
+    o = opts(eps, ignore_index=0, reduction=0)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, w, *o)
     r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, w, eps, g)
     assert_close(loss, r_loss)
     assert_close(lse, r_lse)
     assert_close(tsum, r_tsum)
-    assert_close(k.ce_soft_bwd(g, x, q, w, lse, tsum, eps), r_grad)
+    assert_close(k.ce_soft_bwd(g, x, q, w, lse, tsum, *o), r_grad)
     g0 = torch.ones((), dtype=torch.float64, device=device).expand(n)
-    assert_close(k.ce_soft_bwd(g0, x, q, w, lse, tsum, eps), ref_soft(x, q, w, eps, g0)[3])
+    assert_close(k.ce_soft_bwd(g0, x, q, w, lse, tsum, *o), ref_soft(x, q, w, eps, g0)[3])
 
 
 def test_ce_soft_hostile_values(device, block):
@@ -330,10 +372,10 @@ def test_ce_soft_hostile_values(device, block):
     q[4, 5] = 1
     g = torch.ones(5, dtype=torch.float64, device=device)
     k = kernels(device)
-    loss, lse, tsum = k.ce_soft_fwd(x, q, None, 0.0)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, None, *opts())
     r_loss, _, _, r_grad = ref_soft(x, q, None, 0.0, g)
     assert_close(loss, r_loss)
-    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.0), r_grad)
+    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts()), r_grad)
     assert torch.isnan(loss[:4]).all() and torch.isfinite(loss[4])
 
 
@@ -343,11 +385,11 @@ def test_ce_soft_half_types(device, dtype):
     q = torch.softmax(torch.randn(4, 10, device=device), 1).to(dtype)
     g = torch.ones(4, device=device)
     k = kernels(device)
-    loss, lse, tsum = k.ce_soft_fwd(x, q, None, 0.1)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, None, *opts(0.1))
     r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, None, 0.1, g)
     assert loss.dtype == tsum.dtype == torch.float32 and lse.dtype == torch.float64
     assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
-    grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, 0.1)
+    grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts(0.1))
     assert grad.dtype == dtype
     assert_close(grad, r_grad, atol=1e-2, rtol=1e-2)
 
@@ -367,15 +409,15 @@ def test_vector_width_views(device, block, dtype):
     gn = torch.randn(n, dtype=x.dtype, device=device)
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
     k = kernels(device)
-    nll, smooth, lse = k.ce_index_fwd(x, t, w, -100, True)
-    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, w, -100, gn, gn)
-    assert_close(nll, r_nll, **tol)
-    assert_close(smooth, r_smooth, **tol)
-    assert_close(k.ce_index_bwd(gn, gn, x, t, w, lse, -100, True), r_grad, **tol)
-    loss, lse, tsum = k.ce_soft_fwd(x, q, w, 0.2)
+    for eps in INDEX_EPS:
+        loss, lse = k.ce_index_fwd(x, t, w, *opts(eps))
+        r_loss, r_lse, r_grad = ref_index_loss(x, t, w, -100, gn, eps)
+        assert_close(loss, r_loss, **tol)
+        assert_close(k.ce_index_bwd(gn, x, t, w, lse, *opts(eps)), r_grad, **tol)
+    loss, lse, tsum = k.ce_soft_fwd(x, q, w, *opts(0.2))
     r_loss, _, _, r_sgrad = ref_soft(x, q, w, 0.2, gn)
     assert_close(loss, r_loss, **tol)
-    assert_close(k.ce_soft_bwd(gn, x, q, w, lse, tsum, 0.2), r_sgrad, **tol)
+    assert_close(k.ce_soft_bwd(gn, x, q, w, lse, tsum, *opts(0.2)), r_sgrad, **tol)
     y = k.softmax_fwd(x.contiguous(), 1, False)
     assert_close(y, torch.softmax(x.double(), 1), **tol)
 
@@ -418,19 +460,68 @@ def test_block_env_must_be_power_of_two(monkeypatch):
 def test_interpreter_kernels_need_triton_interpret(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        se_triton.interpreter_kernels()
+        se_triton.register_interpreter_kernels()
 
 
-def test_interpreter_kernels_namespace():
+def test_interpreter_kernels_need_triton_interpret_before_import():
+    """Without the interpreter, CPU tensors cannot reach the Triton kernels: registering them
+    raises, and so does backend='triton' (a fresh process: the flag is read at Triton's import)."""
+    code = (
+        "import torch, pytest\n"
+        "from softmax_ext import ops, triton as se_triton\n"
+        "assert not se_triton.interpreter_active()\n"
+        "for call in (se_triton.register_interpreter_kernels,\n"
+        "             lambda: ops.kernels('triton', torch.device('cpu'))):\n"
+        "    with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):\n"
+        "        call()\n"
+        "op = ops.kernel('softmax_fwd', ops.BACKEND_TRITON)\n"
+        "assert not op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CPU)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_triton_kernels_serve_cpu():
+    """The interpreter registers the launchers as the CPU kernels of the backend='triton' kernel
+    operators (all six, idempotently), distinct from the default ones (C++ on CPU);
+    backend='triton' on CPU resolves to them."""
     if not INTERPRETED:
         pytest.skip("interpreter (CPU) path")
-    k = se_triton.interpreter_kernels()
-    assert sorted(vars(k)) == sorted(se_triton.OPS)
+    se_triton.register_interpreter_kernels()
+    se_triton.register_interpreter_kernels()
+    assert sorted(se_triton.OPS) == sorted(ops.KERNELS)
+    k = kernels("cpu")
+    assert sorted(vars(k)) == sorted(ops.KERNELS)
+    for name, op in vars(k).items():
+        assert op is ops.kernel(name, ops.BACKEND_TRITON)
+        assert op is not ops.kernel(name, ops.BACKEND_DEFAULT)
+        assert op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CPU)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert_close(k.softmax_fwd(x, 1, True), torch.log_softmax(x, 1))
+
+
+@pytest.mark.parametrize("name", ["ce_index_fwd", "ce_index_bwd", "ce_soft_fwd", "ce_soft_bwd"])
+def test_launchers_take_the_whole_option_block(name):
+    """A launcher called with fewer options than ops.LossOptions has raises, rather than quietly
+    taking defaults for the missing ones."""
+    from softmax_ext.triton import cross_entropy, soft_cross_entropy
+
+    launcher = getattr(cross_entropy if "index" in name else soft_cross_entropy, name)
+    tensors = {"ce_index_fwd": 3, "ce_index_bwd": 5, "ce_soft_fwd": 3, "ce_soft_bwd": 6}[name]
+    args = [torch.empty(0, 0)] * tensors + list(opts(0.1))
+    with pytest.raises(TypeError, match="loss options"):
+        launcher(*args[:-1])
 
 
 def test_register_cuda_kernels_is_idempotent():
     se_triton.register_cuda_kernels()
     se_triton.register_cuda_kernels()
+    for name in ops.KERNELS:
+        for backend in (ops.BACKEND_DEFAULT, ops.BACKEND_TRITON):
+            assert ops.kernel(name, backend).has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -466,42 +557,45 @@ def test_cuda_dispatch_and_graph_capture():
     assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-4)
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cuda_opcheck(dtype):
-    """Fake kernels (ops.py) and the Triton CUDA kernels agree on dtypes, shapes and strides."""
-    se_triton.register_cuda_kernels()
-    ops_ = torch.ops.softmax_ext
+def test_opcheck(device, dtype):
+    """Fake kernels (ops.py) and the Triton kernels agree on dtypes, shapes and strides: the kernel
+    operators backend='triton' calls (on CPU those the interpreter serves), on CUDA also those of
+    backend='triton' (the same launchers), and the public operator with backend='triton'."""
+    k = kernels(device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.randn(6, 11, device="cuda", dtype=dtype)
-    t = torch.tensor([0, 3, -100, 10, 2, 2], device="cuda")
-    w = torch.rand(11, device="cuda", dtype=acc)
-    g = torch.randn(6, device="cuda", dtype=acc)
-    p = torch.rand(6, 11, device="cuda").softmax(1).to(dtype)
-    _, _, lse = ops_.ce_index_fwd(x, t, w, -100, True)
-    _, lse_s, tsum = ops_.ce_soft_fwd(x, p, w, 0.1)
-    y = ops_.softmax_fwd(x, 1, False)
+    x = torch.randn(6, 11, device=device, dtype=dtype)
+    t = torch.tensor([0, 3, -100, 10, 2, 2], device=device)
+    w = torch.rand(11, device=device, dtype=acc)
+    g = torch.randn(6, device=device, dtype=acc)
+    p = torch.rand(6, 11, device=device).softmax(1).to(dtype)
+    _, lse = k.ce_index_fwd(x, t, w, *opts(0.1))
+    _, lse_s, tsum = k.ce_soft_fwd(x, p, w, *opts(0.1))
+    y = k.softmax_fwd(x, 1, False)
+    t7 = torch.tensor([9, 0, 3, -100, 6, 2, 2], device=device)[1:]  # odd offset, stride 1
     cases = [
-        (ops_.softmax_fwd, (torch.randn(3, 5, 4, device="cuda", dtype=dtype), 1, False)),
-        (ops_.softmax_fwd, (torch.randn(3, 5, 4, device="cuda", dtype=dtype), 2, True)),
-        (ops_.softmax_bwd, (torch.randn(6, 11, device="cuda", dtype=dtype), y, 1, False)),
-        (ops_.ce_index_fwd, (x, t, w, -100, True)),
-        (
-            ops_.ce_index_fwd,
-            (
-                x[:, :7],
-                torch.tensor([9, 0, 3, -100, 6, 2, 2], device="cuda")[1:],
-                None,
-                -100,
-                False,
-            ),
-        ),
-        (ops_.ce_index_bwd, (g, g.clone(), x, t, w, lse, -100, True)),
-        (ops_.ce_index_bwd, (g[:1].expand(6), g, x, t, None, lse, -100, False)),
-        (ops_.ce_soft_fwd, (x, p, None, 0.0)),
-        (ops_.ce_soft_bwd, (g, x, p, w, lse_s, tsum, 0.1)),
-        (ops_.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.1, 1)),
-        (ops_.cross_entropy_index, (x.clone().requires_grad_(), t, None, -100, 0.0, 0)),
+        (k.softmax_fwd, (torch.randn(3, 5, 4, device=device, dtype=dtype), 1, False)),
+        (k.softmax_fwd, (torch.randn(3, 5, 4, device=device, dtype=dtype), 2, True)),
+        (k.softmax_bwd, (torch.randn(6, 11, device=device, dtype=dtype), y, 1, False)),
+        (k.ce_index_fwd, (x, t, w, *opts(0.1))),
+        (k.ce_index_fwd, (x[:, :7], t7, None, *opts(0.0, reduction=0))),
+        (k.ce_index_bwd, (g, x, t, w, lse, *opts(0.1))),
+        (k.ce_index_bwd, (g[:1].expand(6), x, t, None, lse, *opts())),
+        (k.ce_soft_fwd, (x, p, None, *opts())),
+        (k.ce_soft_bwd, (g, x, p, w, lse_s, tsum, *opts(0.1))),
+    ]
+    if device == "cuda":
+        triton_ce_index_fwd = ops.kernel("ce_index_fwd", ops.BACKEND_TRITON)
+        triton_ce_index_bwd = ops.kernel("ce_index_bwd", ops.BACKEND_TRITON)
+        cases += [
+            (triton_ce_index_fwd, (x, t, None, *opts(0.1, reduction=0))),
+            (triton_ce_index_bwd, (g, x, t, w, lse, *opts(0.1))),
+        ]
+    ce = ops.public_op("cross_entropy_index")
+    backend = ops.backend_code("triton", torch.device(device))
+    cases += [
+        (ce, (x.clone().requires_grad_(), t, w, *opts(0.1), backend)),
+        (ce, (x.clone().requires_grad_(), t, None, *opts(0.0, reduction=0), backend)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -514,11 +608,11 @@ def test_cuda_torch_compile():
     t = torch.randint(0, 300, (32,), device="cuda")
     se_triton.register_cuda_kernels()
     op = torch.compile(
-        lambda x, t: torch.ops.softmax_ext.ce_index_fwd(x, t, None, -100, True), fullgraph=True
+        lambda x, t: torch.ops.softmax_ext.ce_index_fwd(x, t, None, *opts(0.1)), fullgraph=True
     )
-    nll, smooth, lse = op(x, t)
-    r_nll, r_smooth, r_lse, _ = ref_index(x, t, None, -100, torch.ones(32, device="cuda"))
-    assert_close(nll, r_nll, atol=1e-5, rtol=1e-5)
+    loss, lse = op(x, t)
+    r_loss, r_lse, _ = ref_index_loss(x, t, None, -100, torch.ones(32, device="cuda"), 0.1)
+    assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
     assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
 
     xg = x.clone().requires_grad_()
@@ -543,12 +637,11 @@ def test_cuda_out_of_range_target_is_nan_not_a_crash():
     k = kernels("cuda")
     x = torch.randn(3, 5, device="cuda")
     t = torch.tensor([0, 7, -3], device="cuda")
-    nll, _, lse = k.ce_index_fwd(x, t, None, -100, False)
-    grad = k.ce_index_bwd(
-        torch.ones(3, device="cuda"), torch.ones(3, device="cuda"), x, t, None, lse, -100, False
-    )
-    assert torch.isfinite(nll[0]) and torch.isnan(nll[1:]).all()
-    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
+    for eps in (0.0, 0.1):
+        loss, lse = k.ce_index_fwd(x, t, None, *opts(eps))
+        grad = k.ce_index_bwd(torch.ones(3, device="cuda"), x, t, None, lse, *opts(eps))
+        assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+        assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
 
 
 @needs_cuda
@@ -559,20 +652,22 @@ def test_cuda_262144_classes(dtype):
     t = torch.tensor([0, c - 1, 12345, -100], device="cuda")
     k = kernels("cuda")
     gn = torch.full((n,), 0.5, device="cuda")
-    nll, smooth, lse = k.ce_index_fwd(x, t, None, -100, True)
-    r_nll, r_smooth, r_lse, r_grad = ref_index(x, t, None, -100, gn, gn)
-    assert_close(nll, r_nll, atol=1e-4, rtol=1e-5)
-    assert_close(smooth, r_smooth, atol=1e-4 * c, rtol=1e-5)
-    assert_close(lse, r_lse, atol=1e-4, rtol=1e-5)
-    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, True)
-    assert_close(grad, r_grad, atol=1e-6 if dtype == torch.float32 else 1e-4, rtol=1e-2)
+    for eps in INDEX_EPS:
+        loss, lse = k.ce_index_fwd(x, t, None, *opts(eps))
+        r_loss, r_lse, r_grad = ref_index_loss(x, t, None, -100, gn, eps)
+        assert_close(loss, r_loss, atol=1e-4, rtol=1e-5)
+        assert_close(lse, r_lse, atol=1e-4, rtol=1e-5)
+        grad = k.ce_index_bwd(gn, x, t, None, lse, *opts(eps))
+        assert_close(grad, r_grad, atol=1e-6 if dtype == torch.float32 else 1e-4, rtol=1e-2)
     y = k.softmax_fwd(x, 1, False)
     assert_close(y, torch.softmax(x.double(), 1), atol=1e-7, rtol=1e-2)
     q = torch.softmax(torch.randn(n, c, device="cuda"), 1).to(dtype)
-    loss, lse2, tsum = k.ce_soft_fwd(x, q, None, 0.1)
+    loss, lse2, tsum = k.ce_soft_fwd(x, q, None, *opts(0.1))
     r_loss, _, _, r_sgrad = ref_soft(x, q, None, 0.1, gn)
     assert_close(loss, r_loss, atol=1e-4, rtol=1e-5)
-    assert_close(k.ce_soft_bwd(gn, x, q, None, lse2, tsum, 0.1), r_sgrad, atol=1e-6, rtol=1e-2)
+    assert_close(
+        k.ce_soft_bwd(gn, x, q, None, lse2, tsum, *opts(0.1)), r_sgrad, atol=1e-6, rtol=1e-2
+    )
 
 
 @needs_cuda
@@ -587,13 +682,13 @@ def test_cuda_2_31_elements():
     assert x.numel() >= 2**31
     t = torch.randint(0, c, (n,), device="cuda")
     k = kernels("cuda")
-    nll, _, lse = k.ce_index_fwd(x, t, None, -100, False)
+    loss, lse = k.ce_index_fwd(x, t, None, *opts())
     tail = slice(n - 4, n)
     gn = torch.ones(n, device="cuda")
-    r_nll, _, r_lse, r_grad = ref_index(x[tail], t[tail], None, -100, gn[tail])
-    assert_close(nll[tail], r_nll, atol=1e-4, rtol=1e-5)
+    r_loss, r_lse, r_grad = ref_index_loss(x[tail], t[tail], None, -100, gn[tail], 0.0)
+    assert_close(loss[tail], r_loss, atol=1e-4, rtol=1e-5)
     assert_close(lse[tail], r_lse, atol=1e-4, rtol=1e-5)
-    grad = k.ce_index_bwd(gn, gn, x, t, None, lse, -100, False)
+    grad = k.ce_index_bwd(gn, x, t, None, lse, *opts())
     assert_close(grad[tail], r_grad, atol=1e-4, rtol=1e-2)
     del grad
     y = k.softmax_fwd(x, 1, True)

@@ -209,7 +209,10 @@ def _plain(value: Any) -> Any:
 def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[..., Any], tuple]]:
     """(label, launcher, arguments) of every representative launch, on meta tensors laid out as
     the operators pass them: contiguous logits and targets, per-row gradients expanded from a
-    scalar (reduction "mean", the default) or one per row ("none")."""
+    scalar (reduction "mean", the default) or one per row ("none"), then the option block
+    (ops.LossOptions) in schema order; label smoothing 0 and 0.1 for index targets (the kernels'
+    WITH_SMOOTH off and on), 0.1 for soft ones (a runtime value there)."""
+    from softmax_ext.ops import LossOptions
     from softmax_ext.triton import cross_entropy as ce
     from softmax_ext.triton import soft_cross_entropy as sce
     from softmax_ext.triton import softmax as sm
@@ -226,7 +229,9 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
             xs = empty(OUTER, c, INNER, dtype=dt)
             t, w = empty(ROWS, dtype=torch.int64), empty(c, dtype=acc)
             lse, tsum = empty(ROWS, dtype=torch.float64), empty(ROWS, dtype=acc)
-            g_mean, g_none = empty(dtype=acc).expand(ROWS), empty(ROWS, dtype=acc)
+            # (tag, grad_loss, reduction as torch's at::Reduction: 0 none, 1 mean)
+            g_mean = ("", empty(dtype=acc).expand(ROWS), 1)
+            g_none = (" none", empty(ROWS, dtype=acc), 0)
             tag = f"{dname} ({ROWS}, {c})"
             stag = f"{dname} ({OUTER}, {c}, {INNER})"
             for log in (False, True):
@@ -237,19 +242,19 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
                 out.append((f"{op} bwd {stag} dim=1", sm.softmax_bwd, (xs, xs, 1, log)))
             for weight in (None, w):
                 wtag = "" if weight is None else " weight"
-                for smooth in (False, True):
-                    otag = wtag + (" smoothing" if smooth else "")
-                    out.append(
-                        (f"ce_index {tag}{otag}", ce.ce_index_fwd, (x, t, weight, -100, smooth))
-                    )
-                    grads = [("", g_mean)] + ([(" none", g_none)] if not otag else [])
-                    for rtag, g in grads:
-                        args = (g, g, x, t, weight, lse, -100, smooth)
+                for eps in (0.0, 0.1):
+                    otag = wtag + (" smoothing" if eps else "")
+                    fwd = (x, t, weight, *LossOptions(label_smoothing=eps))
+                    out.append((f"ce_index {tag}{otag}", ce.ce_index_fwd, fwd))
+                    for rtag, g, reduction in [g_mean] + ([g_none] if not otag else []):
+                        o = LossOptions(label_smoothing=eps, reduction=reduction)
+                        args = (g, x, t, weight, lse, *o)
                         out.append((f"ce_index bwd {tag}{otag}{rtag}", ce.ce_index_bwd, args))
-                out.append((f"ce_soft {tag}{wtag}", sce.ce_soft_fwd, (x, q, weight, 0.1)))
-                grads = [("", g_mean)] + ([(" none", g_none)] if weight is None else [])
-                for rtag, g in grads:
-                    args = (g, x, q, weight, lse, tsum, 0.1)
+                fwd = (x, q, weight, *LossOptions(label_smoothing=0.1))
+                out.append((f"ce_soft {tag}{wtag}", sce.ce_soft_fwd, fwd))
+                for rtag, g, reduction in [g_mean] + ([g_none] if weight is None else []):
+                    o = LossOptions(label_smoothing=0.1, reduction=reduction)
+                    args = (g, x, q, weight, lse, tsum, *o)
                     out.append((f"ce_soft bwd {tag}{wtag}{rtag}", sce.ce_soft_bwd, args))
     return out
 

@@ -1,32 +1,53 @@
-"""Triton kernels of softmax_ext: the CUDA implementation of the torch.library operators.
+"""Triton kernels of softmax_ext: the launchers behind the per-backend kernel operators.
 
-On CUDA tensors the kernels are reached through the dispatcher once :func:`register_cuda_kernels`
-has run. On CPU tensors they run through Triton's interpreter (:func:`interpreter_kernels`), which
-needs ``TRITON_INTERPRET=1`` in the environment before Triton is imported.
+softmax_ext/ops.py defines each kernel (``softmax_fwd``, ``ce_index_bwd``...) twice with one
+schema: the device's kernel (``ops.kernel(name, ops.BACKEND_DEFAULT)``, C++ on CPU) and the Triton
+kernel that backend='triton' picks (``ops.kernel(name, ops.BACKEND_TRITON)``). The launchers here
+take the schema's arguments in order and serve:
+
+* CUDA tensors, for both operators, once :func:`register_cuda_kernels` has run (the package's
+  import runs it; Triton itself is imported at the first CUDA call);
+* CPU tensors, for the backend='triton' operators only, once :func:`register_interpreter_kernels`
+  has run: Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
+  Triton is imported.
 """
 
+from __future__ import annotations
+
 import functools
+import importlib
 import os
 import threading
-from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .. import ops as _ops
 
-OPS = ("softmax_fwd", "softmax_bwd", "ce_index_fwd", "ce_index_bwd", "ce_soft_fwd", "ce_soft_bwd")
+#: Kernel operator -> the module of this package holding its launcher (a function of that name).
+_LAUNCHER_MODULES = {
+    "softmax_fwd": "softmax",
+    "softmax_bwd": "softmax",
+    "ce_index_fwd": "cross_entropy",
+    "ce_index_bwd": "cross_entropy",
+    "ce_soft_fwd": "soft_cross_entropy",
+    "ce_soft_bwd": "soft_cross_entropy",
+}
+#: The kernel operators the launchers implement: all of ops.KERNELS (checked at registration).
+OPS = tuple(_LAUNCHER_MODULES)
 
 _lock = threading.Lock()
-_cuda_lib = None  # the torch.library.Library holding the CUDA registrations; kept alive here
+# The torch.library.Library objects holding the registrations: a registration lasts as long as
+# its Library, so they are kept here for the life of the process.
+_cuda_libs: Optional[List[torch.library.Library]] = None
+_cpu_libs: Optional[List[torch.library.Library]] = None
 
 
 @functools.lru_cache(maxsize=None)
-def _launchers() -> SimpleNamespace:
+def _launcher(name: str) -> Callable:
+    """The launcher of kernel operator ``name``, importing Triton (and its kernels) if needed."""
     try:
-        from .cross_entropy import ce_index_bwd, ce_index_fwd
-        from .soft_cross_entropy import ce_soft_bwd, ce_soft_fwd
-        from .softmax import softmax_bwd, softmax_fwd
+        module = importlib.import_module(f"{__name__}.{_LAUNCHER_MODULES[name]}")
     except ImportError as e:
         if e.name != "triton":
             raise
@@ -34,44 +55,60 @@ def _launchers() -> SimpleNamespace:
             "softmax_ext: CUDA tensors run Triton kernels, and Triton is not installed "
             "(pip install triton, or softmax_ext[triton]); backend='torch' runs PyTorch's own"
         ) from e
-
-    return SimpleNamespace(
-        softmax_fwd=softmax_fwd,
-        softmax_bwd=softmax_bwd,
-        ce_index_fwd=ce_index_fwd,
-        ce_index_bwd=ce_index_bwd,
-        ce_soft_fwd=ce_soft_fwd,
-        ce_soft_bwd=ce_soft_bwd,
-    )
+    return getattr(module, name)
 
 
 def _lazy_launcher(name: str) -> Callable:
     """The launcher ``name``, imported (with Triton) at its first call rather than now."""
 
     def launch(*args):
-        return getattr(_launchers(), name)(*args)
+        return _launcher(name)(*args)
 
     launch.__name__ = launch.__qualname__ = name
     return launch
 
 
+def _check_ops() -> None:
+    """Raise RuntimeError unless the launchers cover exactly the kernels ops.py defines."""
+    if set(OPS) != set(_ops.KERNELS):
+        raise RuntimeError(
+            f"softmax_ext: the Triton launchers {sorted(OPS)} do not match the kernel operators "
+            f"{sorted(_ops.KERNELS)} of softmax_ext/ops.py"
+        )
+
+
+def _register(
+    key: str, backends: Sequence[int], launcher: Callable[[str], Callable]
+) -> List[torch.library.Library]:
+    """``launcher(name)`` registered for dispatch key ``key`` as every kernel operator that
+    serves one of ``backends`` (ops.BACKEND_*); returns the Libraries holding the registrations,
+    one per namespace."""
+    _check_ops()
+    libs: Dict[str, torch.library.Library] = {}
+    for backend in backends:
+        for name in OPS:
+            op = _ops.kernel(name, backend)
+            if op.namespace not in libs:
+                libs[op.namespace] = torch.library.Library(op.namespace, "IMPL")
+            libs[op.namespace].impl(op, launcher(name), key)
+    return list(libs.values())
+
+
 def register_cuda_kernels() -> None:
-    """Register the Triton launchers as the CUDA kernels of the six softmax_ext operators.
+    """Register the Triton launchers as the CUDA kernels of the six kernel operators, those of
+    the default backend and those of backend='triton' alike.
 
     Idempotent, thread-safe and cheap (Triton is imported at the first CUDA call, not here), so
-    the package's import runs it; afterwards ``torch.ops.softmax_ext.*`` on CUDA tensors (and
-    ``backend="auto"``) run these kernels.
+    the package's import runs it; afterwards the kernel operators on CUDA tensors (and the public
+    operators with ``backend="auto"`` or ``"triton"``) run these kernels.
     """
-    global _cuda_lib
-    if _cuda_lib is not None:
+    global _cuda_libs
+    if _cuda_libs is not None:
         return
     with _lock:
-        if _cuda_lib is not None:
-            return
-        lib = torch.library.Library(_ops.NAMESPACE, "IMPL")
-        for name in OPS:
-            lib.impl(name, _lazy_launcher(name), "CUDA")
-        _cuda_lib = lib
+        if _cuda_libs is None:
+            backends = (_ops.BACKEND_DEFAULT, _ops.BACKEND_TRITON)
+            _cuda_libs = _register("CUDA", backends, _lazy_launcher)
 
 
 def interpreter_active() -> bool:
@@ -83,12 +120,15 @@ def interpreter_active() -> bool:
     return isinstance(_softmax_fwd_kernel, InterpretedFunction)
 
 
-def interpreter_kernels() -> SimpleNamespace:
-    """The six launchers (schema argument order) for CPU tensors, run by Triton's interpreter.
+def register_interpreter_kernels() -> None:
+    """Register the Triton launchers as the CPU kernels of the six backend='triton' kernel
+    operators, run by Triton's interpreter. The default backend's CPU kernels (C++) stay.
 
-    Raises RuntimeError unless TRITON_INTERPRET=1 was set before Triton (and these kernels) were
-    imported: without it the kernels are compiled for a GPU and cannot take CPU tensors.
+    Idempotent and thread-safe. Raises RuntimeError unless TRITON_INTERPRET=1 was set before
+    Triton (and these kernels) were imported: without it the kernels are compiled for a GPU and
+    cannot take CPU tensors.
     """
+    global _cpu_libs
     flag = os.environ.get("TRITON_INTERPRET", "")
     enabled = flag.strip().lower() in ("1", "true", "on", "yes")
     if not (enabled and interpreter_active()):
@@ -99,4 +139,9 @@ def interpreter_kernels() -> SimpleNamespace:
             "TRITON_INTERPRET=1 when starting Python (e.g. `TRITON_INTERPRET=1 python ...`), or "
             "use backend='cpp' (or 'auto') for CPU tensors"
         )
-    return _launchers()
+    if _cpu_libs is not None:
+        return
+    with _lock:
+        if _cpu_libs is None:
+            # Triton is imported already (interpreter_active), so the launchers themselves.
+            _cpu_libs = _register("CPU", (_ops.BACKEND_TRITON,), _launcher)

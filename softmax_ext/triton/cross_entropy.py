@@ -5,9 +5,15 @@ stride. Each program takes BLOCK_R rows; rows wider than the class block use an 
 log-sum-exp over class blocks. Out-of-range targets: on CPU (the interpreter) the launcher raises
 IndexError like PyTorch; on CUDA the kernels never read out of bounds and never synchronise: the
 row's loss and gradient become NaN, and ``tl.device_assert`` fires when Triton's debug mode is on.
+
+Label smoothing eps mixes the target's term with the mean over classes: per row,
+loss = (1 - eps) * nll + (eps / C) * smooth, nll = w[t] * (lse - x[t]) and
+smooth = sum_c w[c] * (lse - x[c]). The kernels take eps as the runtime scalars (1 - eps, eps / C)
+(``_common.smoothing_factors``); the constexpr WITH_SMOOTH (eps > 0) leaves the smoothing out
+entirely otherwise, so that the loss is then nll itself, bit for bit.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -21,15 +27,18 @@ from ._common import (
     check_targets,
     check_weight,
     finite_shift,
+    loss_options,
     lse_to_f64,
     num_warps,
     on_device,
     online_lse_update,
     rows_online_lse,
+    smoothing_factors,
     split_lse,
     tile_shape,
     unit_class_stride,
     upcast,
+    upcast_scalar,
     vector_width,
 )
 
@@ -51,12 +60,13 @@ def _ce_index_fwd_kernel(
     t_ptr,
     stride_t,
     w_ptr,
-    nll_ptr,
-    smooth_ptr,
+    loss_ptr,
     lse_ptr,
     n_rows,
     C,
     ignore_index,
+    keep: tl.float64,
+    spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     WITH_SMOOTH: tl.constexpr,
     IS_F64: tl.constexpr,
@@ -108,19 +118,18 @@ def _ce_index_fwd_kernel(
     else:
         w_t = 1.0
     nll = w_t * ((shift - x_t) + log_s)
-    nll = tl.where(ignored, 0.0, tl.where(in_range, nll, float("nan")))
-    smooth = tl.where(ignored, 0.0, smooth)
-    tl.store(nll_ptr + rows, nll, mask=row_ok)
-    tl.store(smooth_ptr + rows, smooth, mask=row_ok)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, nll, float("nan")))
+    if WITH_SMOOTH:
+        smooth = tl.where(ignored, 0.0, smooth)
+        loss = upcast_scalar(keep, IS_F64) * loss + upcast_scalar(spread, IS_F64) * smooth
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_ptr + rows, lse_to_f64(m, log_s), mask=row_ok)
 
 
 @triton.jit
 def _ce_index_bwd_kernel(
-    gn_ptr,
-    stride_gn,
-    gs_ptr,
-    stride_gs,
+    g_ptr,
+    stride_g,
     x_ptr,
     stride_x,
     t_ptr,
@@ -133,6 +142,8 @@ def _ce_index_bwd_kernel(
     n_rows,
     C,
     ignore_index,
+    keep: tl.float64,
+    spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     WITH_SMOOTH: tl.constexpr,
     IS_F64: tl.constexpr,
@@ -147,15 +158,18 @@ def _ce_index_bwd_kernel(
     gx_rows = gx_ptr + rows * C
     t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
     hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
-    scale = upcast(tl.load(gn_ptr + rows * stride_gn, mask=row_ok, other=0.0), IS_F64)
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
+    # One gradient per row scales both terms: grad_nll = (1 - eps) g, grad_smooth = (eps / C) g.
+    # Without smoothing grad_nll is g itself, not g * 1.0, bit for bit.
+    scale = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
     if WITH_SMOOTH:
-        g_smooth = upcast(tl.load(gs_ptr + rows * stride_gs, mask=row_ok, other=0.0), IS_F64)
+        g_smooth = upcast_scalar(spread, IS_F64) * scale
+        scale = upcast_scalar(keep, IS_F64) * scale
         if HAS_WEIGHT:
             w_total = upcast(tl.load(wsum_ptr), IS_F64)
         else:
             w_total = upcast(tl.zeros([1], tl.float64) + C, IS_F64)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
@@ -179,24 +193,26 @@ def _ce_index_bwd_kernel(
 
 
 def ce_index_fwd(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, with_smooth: bool
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (nll, smooth, lse) of (rows, C) ``logits`` against int64 ``target``.
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], *options: Union[int, float]
+) -> Tuple[Tensor, Tensor]:
+    """Per-row (loss, lse) of (rows, C) ``logits`` against int64 ``target``.
 
-    nll = w[t] * (lse - x[t]); smooth = sum_c w[c] * (lse - x[c]) (zeros unless ``with_smooth``);
-    rows whose target is ``ignore_index`` get nll = smooth = 0. nll and smooth are in the
-    accumulation dtype (float64 for float64 logits, float32 otherwise), lse always in float64.
+    ``options`` is the schema's option block (ops.LossOptions: ignore_index, label_smoothing,
+    reduction; the reduction is the autograd node's). loss = (1 - eps) * w[t] * (lse - x[t]) +
+    (eps / C) * sum_c w[c] * (lse - x[c]), only the first term (unscaled) when eps is not > 0;
+    rows whose target is ignore_index get 0. loss is in the accumulation dtype (float64 for float64
+    logits, float32 otherwise), lse always in float64.
     """
+    o = loss_options(options)
     check_dtype(logits, "logits")
     check_weight(weight, logits)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
-    check_targets(target, n_classes, ignore_index)
-    acc = acc_dtype(logits.dtype)
-    nll, smooth = (logits.new_empty((n_rows,), dtype=acc) for _ in range(2))
+    check_targets(target, n_classes, o.ignore_index)
+    loss = logits.new_empty((n_rows,), dtype=acc_dtype(logits.dtype))
     lse = logits.new_empty((n_rows,), dtype=torch.float64)
     if n_rows == 0:
-        return nll, smooth, lse
+        return loss, lse
     block_r, block_c, single = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_index_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -205,60 +221,57 @@ def ce_index_fwd(
             target,
             target.stride(0),
             logits if weight is None else weight,
-            nll,
-            smooth,
+            loss,
             lse,
             n_rows,
             n_classes,
-            ignore_index,
+            o.ignore_index,
+            *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
-            WITH_SMOOTH=bool(with_smooth),
-            IS_F64=acc == torch.float64,
+            WITH_SMOOTH=o.label_smoothing > 0.0,
+            IS_F64=logits.dtype == torch.float64,
             SINGLE=single,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
             num_warps=num_warps(block_r, block_c),
         )
-    return nll, smooth, lse
+    return loss, lse
 
 
 def ce_index_bwd(
-    grad_nll: Tensor,
-    grad_smooth: Tensor,
+    grad_loss: Tensor,
     logits: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
     lse: Tensor,
-    ignore_index: int,
-    with_smooth: bool,
+    *options: Union[int, float],
 ) -> Tensor:
-    """d/dlogits of sum_i grad_nll[i] * nll[i] + grad_smooth[i] * smooth[i].
+    """d/dlogits of sum_i grad_loss[i] * loss[i], ``loss`` as in :func:`ce_index_fwd`.
 
-    grad = gn * w[t] * (p - onehot(t)) + gs * (W * p - w) (the last term only with
-    ``with_smooth``), p = exp(x - lse), W = sum(w); ignored rows get exactly 0. ``grad_nll`` and
-    ``grad_smooth`` may be stride-0 expansions of a scalar; ``lse`` is the forward's (float64).
-    Returns contiguous (rows, C) in the logits' dtype.
+    With g = grad_loss[i], p = exp(x - lse) and W = sum(w): grad = (1 - eps) g w[t] (p - onehot(t))
+    + (eps / C) g (W p - w), only g w[t] (p - onehot(t)) when eps is not > 0; ignored rows get
+    exactly 0. ``grad_loss`` is (rows,) in the accumulation dtype and may be a stride-0 expansion of
+    a scalar; ``lse`` is the forward's (float64). Returns contiguous (rows, C) in the logits' dtype.
     """
+    o = loss_options(options)
     check_dtype(logits, "logits")
     check_weight(weight, logits)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
-    check_targets(target, n_classes, ignore_index)
+    check_targets(target, n_classes, o.ignore_index)
     grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
         return grad
     lse = lse.to(torch.float64)
-    with_smooth = bool(with_smooth)
+    with_smooth = o.label_smoothing > 0.0
     # sum(w) as a device tensor: no host synchronisation.
     wsum = weight.sum() if (weight is not None and with_smooth) else lse
     block_r, block_c, _ = tile_shape(n_rows, n_classes)
     with on_device(logits):
         _ce_index_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            grad_nll,
-            grad_nll.stride(0),
-            grad_smooth,
-            grad_smooth.stride(0),
+            grad_loss,
+            grad_loss.stride(0),
             logits,
             logits.stride(0),
             target,
@@ -270,7 +283,8 @@ def ce_index_bwd(
             grad,
             n_rows,
             n_classes,
-            ignore_index,
+            o.ignore_index,
+            *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
             WITH_SMOOTH=with_smooth,
             IS_F64=logits.dtype == torch.float64,

@@ -1,10 +1,12 @@
 """Cross-entropy against class-probability (soft) targets: Triton kernels beside their launchers.
 
 Logits and targets are (rows, C) with unit class stride and any row stride, in the same dtype.
-With smoothing eps the kernels use q = (1 - eps) * target + eps / C without materialising it.
+With smoothing eps the kernels use q = (1 - eps) * target + eps / C without materialising it. Of
+the option block (ops.LossOptions) only label_smoothing concerns them: there is no index to ignore,
+and the autograd node reduces.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -17,24 +19,20 @@ from ._common import (
     check_dtype,
     check_weight,
     finite_shift,
+    loss_options,
     lse_to_f64,
     num_warps,
     on_device,
     online_lse_update,
     rows_online_lse,
+    smoothing_factors,
     split_lse,
     tile_shape,
     unit_class_stride,
     upcast,
+    upcast_scalar,
     vector_width,
 )
-
-
-@triton.jit
-def _smoothing(eps, C, IS_F64: tl.constexpr):
-    """(1 - eps, eps / C) in the accumulation dtype, from a float64 ``eps``."""
-    eps64 = tl.zeros([1], tl.float64) + eps
-    return upcast(1.0 - eps64, IS_F64), upcast(eps64 / C, IS_F64)
 
 
 @triton.jit
@@ -49,7 +47,8 @@ def _ce_soft_fwd_kernel(
     tsum_ptr,
     n_rows,
     C,
-    eps: tl.float64,
+    keep: tl.float64,
+    spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     IS_F64: tl.constexpr,
     SINGLE: tl.constexpr,
@@ -62,7 +61,7 @@ def _ce_soft_fwd_kernel(
     row_ok = rows < n_rows
     x_rows = x_ptr + rows * aligned(stride_x, VEC)
     q_rows = q_ptr + rows * aligned(stride_q, VEC)
-    keep, spread = _smoothing(eps, C, IS_F64)
+    keep, spread = upcast_scalar(keep, IS_F64), upcast_scalar(spread, IS_F64)
     cols = tl.arange(0, BLOCK_C)
     m = upcast(tl.full([BLOCK_R], float("-inf"), tl.float32), IS_F64)
     s = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
@@ -119,7 +118,8 @@ def _ce_soft_bwd_kernel(
     gx_ptr,
     n_rows,
     C,
-    eps: tl.float64,
+    keep: tl.float64,
+    spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -132,7 +132,7 @@ def _ce_soft_bwd_kernel(
     x_rows = x_ptr + rows * aligned(stride_x, VEC)
     q_rows = q_ptr + rows * aligned(stride_q, VEC)
     gx_rows = gx_ptr + rows * C
-    keep, spread = _smoothing(eps, C, IS_F64)
+    keep, spread = upcast_scalar(keep, IS_F64), upcast_scalar(spread, IS_F64)
     g = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
     hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
     tsum = upcast(tl.load(tsum_ptr + rows * stride_tsum, mask=row_ok, other=0.0), IS_F64)
@@ -158,13 +158,15 @@ def _check_target(target: Tensor, logits: Tensor) -> None:
 
 
 def ce_soft_fwd(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], *options: Union[int, float]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, tsum) of (rows, C) ``logits`` against (rows, C) probabilities.
 
-    q = (1 - eps) * target + eps / C; loss = sum_c w[c] q[c] (lse - x[c]); tsum = sum_c w[c] q[c].
-    loss and tsum are in the accumulation dtype, lse in float64.
+    ``options`` is the schema's option block (ops.LossOptions), of which label_smoothing eps is
+    used: q = (1 - eps) * target + eps / C; loss = sum_c w[c] q[c] (lse - x[c]);
+    tsum = sum_c w[c] q[c]. loss and tsum are in the accumulation dtype, lse in float64.
     """
+    o = loss_options(options)
     check_dtype(logits, "logits")
     _check_target(target, logits)
     check_weight(weight, logits)
@@ -188,7 +190,7 @@ def ce_soft_fwd(
             tsum,
             n_rows,
             n_classes,
-            float(label_smoothing),
+            *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
             IS_F64=acc == torch.float64,
             SINGLE=single,
@@ -207,13 +209,15 @@ def ce_soft_bwd(
     weight: Optional[Tensor],
     lse: Tensor,
     tsum: Tensor,
-    label_smoothing: float,
+    *options: Union[int, float],
 ) -> Tensor:
     """d/dlogits of sum_i grad_loss[i] * loss[i]: g * (tsum * p - w * q), p = exp(x - lse).
 
-    ``grad_loss`` may be a stride-0 expansion of a scalar; ``lse`` is the forward's (float64).
-    Returns contiguous (rows, C) in the logits' dtype.
+    ``grad_loss`` is (rows,) in the accumulation dtype and may be a stride-0 expansion of a scalar;
+    ``lse`` and ``tsum`` are the forward's; ``options`` as in :func:`ce_soft_fwd`. Returns
+    contiguous (rows, C) in the logits' dtype.
     """
+    o = loss_options(options)
     check_dtype(logits, "logits")
     _check_target(target, logits)
     check_weight(weight, logits)
@@ -240,7 +244,7 @@ def ce_soft_bwd(
             grad,
             n_rows,
             n_classes,
-            float(label_smoothing),
+            *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
