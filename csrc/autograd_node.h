@@ -56,6 +56,18 @@ class Kernel {
   c10::OperatorHandle default_, triton_;
 };
 
+// Whether this backward must itself be differentiable: backward with create_graph=True (or under
+// torch.func, whose transforms differentiate with a graph) where the incoming gradient or a saved
+// tensor still needs a gradient (a torch.func transform that has returned leaves neither).
+inline bool differentiable_backward(const at::Tensor& grad,
+                                    std::initializer_list<at::Tensor> saved) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (grad.requires_grad()) return true;
+  for (const at::Tensor& t : saved)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
 inline std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }

@@ -64,18 +64,28 @@ int64_t class_count(const at::Tensor& logits) {
 // PyTorch's denominator of a class-index mean: the number of non-ignored targets, or with class
 // weights the sum of their weights. The gather uses clamped targets so that it can never assert on
 // a device (an out-of-range target is reported by the kernels; its row is excluded here anyway).
-// A soft-target mean divides by the number of rows, weighted or not: no tensor (the row count stays
-// symbolic under torch.compile).
 at::Tensor index_mean_denominator(const Call& c) {
   const at::Tensor valid = c.target.ne(c.opt.ignore_index);
   // counted in the loss's dtype, as torch's total_weight: the division needs no type promotion
   if (!c.weight.defined())
-    return valid.sum(at::typeMetaToScalarType(c.logits.dtype()) == at::kDouble ? at::kDouble
-                                                                               : at::kFloat);
+    return valid.sum(c.logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   return c.weight.gather(0, c.target.clamp(0, class_count(c.logits) - 1)).mul_(valid).sum();
 }
 
-at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& denom);
+// A mean divides by `denom` when it is defined, else by the number of rows: a soft-target mean,
+// weighted or not, with no tensor (the row count stays symbolic under torch.compile).
+at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& denom) {
+  switch (reduction) {
+    case at::Reduction::None:
+      return rows;
+    case at::Reduction::Sum:
+      return rows.sum();
+    case at::Reduction::Mean:
+      return denom.defined() ? rows.sum().div_(denom) : rows.sum().div(rows.sym_size(0));
+    default:
+      TORCH_CHECK_VALUE(false, "softmax_ext: unknown reduction ", reduction);
+  }
+}
 
 // Whether `t` is an ordinary CPU tensor whose data this code may read: not a fake, functional,
 // functorch-wrapped or Python-subclass tensor (torch.compile, torch.func), not meta.
@@ -128,20 +138,6 @@ std::pair<at::Tensor, at::Tensor> reduce_index(const at::Tensor& rows, const Cal
   return {reduce(rows, reduction, denom), denom};
 }
 
-// A mean divides by `denom` when it is defined, else by the number of rows.
-at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& denom) {
-  switch (reduction) {
-    case at::Reduction::None:
-      return rows;
-    case at::Reduction::Sum:
-      return rows.sum();
-    case at::Reduction::Mean:
-      return denom.defined() ? rows.sum().div_(denom) : rows.sum().div(rows.sym_size(0));
-    default:
-      TORCH_CHECK_VALUE(false, "softmax_ext: unknown reduction ", reduction);
-  }
-}
-
 // d loss / d per-row loss: the gradient itself ('none') or a stride-0 expansion of a scalar.
 at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, const c10::SymInt& rows,
                      const at::Tensor& denom) {
@@ -150,17 +146,6 @@ at::Tensor row_scale(const at::Tensor& grad, int64_t reduction, const c10::SymIn
                        : denom.defined()                ? grad.div(denom)
                                                         : grad.div(rows);
   return g.expand_symint({rows});
-}
-
-// Whether this backward must itself be differentiable: backward with create_graph=True (or under
-// torch.func, whose transforms differentiate with a graph) where the saved inputs or the incoming
-// gradient still need a gradient (a torch.func transform that has returned leaves neither).
-bool differentiable_backward(const at::Tensor& grad, std::initializer_list<at::Tensor> inputs) {
-  if (!at::GradMode::is_enabled()) return false;
-  if (grad.requires_grad()) return true;
-  for (const at::Tensor& t : inputs)
-    if (t.defined() && t.requires_grad()) return true;
-  return false;
 }
 
 // An input as a source of torch::autograd::grad: itself, or a detached copy that requires a
@@ -197,6 +182,29 @@ variable_list differentiable_grads(const at::Tensor& grad, std::vector<at::Tenso
   return out;
 }
 
+// What both cross-entropy nodes keep: the inputs, the log-sum-exp, the option block as the
+// operator received it, and the backend.
+struct CrossEntropyNode : torch::autograd::Node {
+  SavedVariable logits_, target_, weight_, lse_;
+  std::vector<c10::IValue> options_;
+  LossOptions opt_;
+  int64_t backend_ = 0;
+
+  void save(Call& c, const at::Tensor& lse) {
+    logits_ = SavedVariable(c.logits, false);
+    target_ = SavedVariable(c.target, false);
+    weight_ = SavedVariable(c.weight, false);
+    lse_ = SavedVariable(lse, false);
+    options_ = std::move(c.options);
+    opt_ = c.opt;
+    backend_ = c.backend;
+  }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&logits_, &target_, &weight_, &lse_}) v->reset_data();
+  }
+};
+
 // ---- class-index targets ------------------------------------------------------------------------
 
 const Kernel& index_fwd() {
@@ -209,11 +217,8 @@ const Kernel& index_bwd() {
   return k;
 }
 
-struct CrossEntropyIndexBackward : torch::autograd::Node {
-  SavedVariable logits_, target_, weight_, lse_, denom_;
-  std::vector<c10::IValue> options_;
-  LossOptions opt_;
-  int64_t backend_ = 0;
+struct CrossEntropyIndexBackward : CrossEntropyNode {
+  SavedVariable denom_;
 
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
@@ -235,7 +240,8 @@ struct CrossEntropyIndexBackward : torch::autograd::Node {
   std::string name() const override { return "CrossEntropyIndexBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&logits_, &target_, &weight_, &lse_, &denom_}) v->reset_data();
+    CrossEntropyNode::release_variables();
+    denom_.reset_data();
   }
 };
 
@@ -258,14 +264,8 @@ void cross_entropy_index(const c10::OperatorHandle& op, torch::jit::Stack* stack
   if (node) {
     node->set_next_edges(torch::autograd::collect_next_edges(c.logits));
     torch::autograd::set_history(loss, node);
-    node->logits_ = SavedVariable(c.logits, false);
-    node->target_ = SavedVariable(c.target, false);
-    node->weight_ = SavedVariable(c.weight, false);
-    node->lse_ = SavedVariable(lse, false);
+    node->save(c, lse);
     node->denom_ = SavedVariable(denom, false);
-    node->options_ = std::move(c.options);
-    node->opt_ = c.opt;
-    node->backend_ = c.backend;
   }
   torch::jit::push(*stack, std::move(loss));
 }
@@ -282,11 +282,8 @@ const Kernel& soft_bwd() {
   return k;
 }
 
-struct CrossEntropySoftBackward : torch::autograd::Node {
-  SavedVariable logits_, target_, weight_, lse_, tsum_;
-  std::vector<c10::IValue> options_;
-  LossOptions opt_;
-  int64_t backend_ = 0;
+struct CrossEntropySoftBackward : CrossEntropyNode {
+  SavedVariable tsum_;
 
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
@@ -331,7 +328,8 @@ struct CrossEntropySoftBackward : torch::autograd::Node {
   std::string name() const override { return "CrossEntropySoftBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&logits_, &target_, &weight_, &lse_, &tsum_}) v->reset_data();
+    CrossEntropyNode::release_variables();
+    tsum_.reset_data();
   }
 };
 
@@ -353,14 +351,8 @@ void cross_entropy_soft(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   if (node) {
     node->set_next_edges(torch::autograd::collect_next_edges(c.logits, c.target, c.weight));
     torch::autograd::set_history(loss, node);
-    node->logits_ = SavedVariable(c.logits, false);
-    node->target_ = SavedVariable(c.target, false);
-    node->weight_ = SavedVariable(c.weight, false);
-    node->lse_ = SavedVariable(lse, false);
+    node->save(c, lse);
     node->tsum_ = SavedVariable(tsum, false);
-    node->options_ = std::move(c.options);
-    node->opt_ = c.opt;
-    node->backend_ = c.backend;
   }
   torch::jit::push(*stack, std::move(loss));
 }

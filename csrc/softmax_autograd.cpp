@@ -28,7 +28,7 @@ struct SoftmaxBackward : torch::autograd::Node {
     const at::Tensor& grad = grads[0];
     if (!grad.defined() || !should_compute_output(0)) return {at::Tensor()};
     const at::Tensor y = out_.unpack(getptr());
-    if (at::GradMode::is_enabled() && (grad.requires_grad() || y.requires_grad())) {
+    if (differentiable_backward(grad, {y})) {
       // create_graph=True (or torch.func): a formula differentiable in grad and in y, whose own
       // gradient reaches the input through this node again
       if (log_) return {grad - y.exp() * grad.sum(dim_, /*keepdim=*/true)};

@@ -23,7 +23,6 @@ _ce_index_op = _ops.public_op("cross_entropy_index")
 _ce_soft_op = _ops.public_op("cross_entropy_soft")
 
 _REDUCTIONS = ("none", "mean", "sum")  # indexed by torch's at::Reduction enum
-_REDUCTION_ENUM = {name: i for i, name in enumerate(_REDUCTIONS)}
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -148,19 +147,16 @@ def cross_entropy(
     """
     # The checks below run on every training step: at a 256 x 10 batch each costs a noticeable
     # share of the step, hence the cheap common cases first.
-    if backend not in BACKENDS:
-        _check_backend(backend)
+    _check_backend(backend)
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     if _torch_serves(backend):
         return F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
-    reduction_enum = _REDUCTION_ENUM.get(reduction)
-    if reduction_enum is None:
-        # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as torch
-        reduction_enum = _Reduction.get_enum(reduction)
-        reduction = _REDUCTIONS[reduction_enum]
+    # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as in torch
+    reduction_enum = _Reduction.get_enum(reduction)
+    reduction = _REDUCTIONS[reduction_enum]
     if label_smoothing != label_smoothing:  # NaN: torch applies smoothing only when it is > 0
         label_smoothing = 0.0
     if not 0.0 <= label_smoothing <= 1.0:
@@ -235,8 +231,11 @@ def cross_entropy(
     logits = _rows_view(input)
     # the kernels index the class weights as a contiguous vector
     w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
-    # the option block, in the order of ops.LossOptions
-    options = (int(ignore_index), float(label_smoothing), reduction_enum)
+    options = _ops.LossOptions(
+        ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        reduction=reduction_enum,
+    )
     if soft:
         loss = _ce_soft_op(logits, _rows_view(target), w, *options, code)
     else:
