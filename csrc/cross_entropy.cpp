@@ -171,15 +171,14 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
     storeu(xt + c * kLanes, va * p - (ws ? vg * ws[c] : vg));
   }
   for (int64_t l = 0; l < k; ++l) {
-    T* gr = static_cast<T*>(a.gx) + (i0 + l) * C;
-    if (tv[l] == a.ignore_index) {
-      std::memset(static_cast<void*>(gr), 0, C * sizeof(T));
+    if (tv[l] == a.ignore_index) {  // an ignored row's gradient is +0 throughout
+      for (int64_t c = 0; c < C; ++c) xt[c * kLanes + l] = 0.0f;
       continue;
     }
     // the true-class term, in float, rounded once as the row path does
     xt[tv[l] * kLanes + l] -= gtv[l];
-    store_block_row(xt, l, C, gr);
   }
+  store_block(xt, k, C, static_cast<T*>(a.gx) + i0 * C);
 }
 
 template <typename T>

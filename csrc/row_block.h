@@ -18,28 +18,35 @@ constexpr int64_t kBlockMaxC = 32;
 // Lanes whose value is finite (x - x is 0 only then).
 SME_INLINE vf finite_or_zero(vf x) { return x - x == 0.0f ? x : splat(0.0f); }
 
-// buf[c * kLanes + l] = rows[l][c] in float for l < k, and 0 for the lanes past k.
+// buf[c * kLanes + l] = rows[l][c] in float for l < k, and 0 for the lanes past k. Contiguous rows
+// are widened in one call for the whole block (per row, a 10-value row would pay a call and a
+// partial vector each).
 template <typename T>
 SME_INLINE void load_block(const T* x, int64_t row_stride, int64_t C, int64_t k, float* buf) {
-  alignas(64) float row[kBlockMaxC];
-  for (int64_t l = 0; l < k; ++l) {
-    const float* xr = to_acc(x + l * row_stride, C, row);
-    for (int64_t c = 0; c < C; ++c) buf[c * kLanes + l] = xr[c];
+  alignas(64) float rows[kBlockMaxC * kLanes];
+  if (row_stride == C) {
+    const float* xr = to_acc(x, k * C, rows);
+    for (int64_t l = 0; l < k; ++l)
+      for (int64_t c = 0; c < C; ++c) buf[c * kLanes + l] = xr[l * C + c];
+  } else {
+    for (int64_t l = 0; l < k; ++l) {
+      const float* xr = to_acc(x + l * row_stride, C, rows);
+      for (int64_t c = 0; c < C; ++c) buf[c * kLanes + l] = xr[c];
+    }
   }
   for (int64_t l = k; l < kLanes; ++l)
     for (int64_t c = 0; c < C; ++c) buf[c * kLanes + l] = 0.0f;
 }
 
-// Lane l of a transposed block as row l of a contiguous (rows, C) output, rounded to T.
+// Lanes [0, k) of a transposed block as k contiguous rows of a (rows, C) output, rounded to T in
+// one call.
 template <typename T>
-SME_INLINE void store_block_row(const float* buf, int64_t l, int64_t C, T* out) {
-  alignas(64) float row[kBlockMaxC];
-  for (int64_t c = 0; c < C; ++c) row[c] = buf[c * kLanes + l];
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(out, row, C * sizeof(float));
-  } else {
-    from_acc(row, C, out);
-  }
+SME_INLINE void store_block(const float* buf, int64_t k, int64_t C, T* out) {
+  alignas(64) float rows[kBlockMaxC * kLanes];
+  float* dst = out_chunk(out, rows);
+  for (int64_t l = 0; l < k; ++l)
+    for (int64_t c = 0; c < C; ++c) dst[l * C + c] = buf[c * kLanes + l];
+  from_acc(dst, k * C, out);
 }
 
 }  // namespace sme

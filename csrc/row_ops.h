@@ -73,17 +73,22 @@ SME_INLINE void chunk_lse(const float* x, int64_t n, float& m, float& s,
 // (say every logit near +1000) from cancelling catastrophically.
 SME_INLINE float wdot_shift(const float* x, const float* w, int64_t n, float r) {
   const vf vr = splat(r);
-  vf s = splat(0.0f);
+  vf s0 = splat(0.0f), s1 = s0;  // two chains, as in dot
   int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const vf d0 = loadu(x + i) - vr, d1 = loadu(x + i + kLanes) - vr;
+    s0 += w ? loadu(w + i) * d0 : d0;
+    s1 += w ? loadu(w + i + kLanes) * d1 : d1;
+  }
   for (; i + kLanes <= n; i += kLanes) {
     const vf d = loadu(x + i) - vr;
-    s += w ? loadu(w + i) * d : d;
+    s0 += w ? loadu(w + i) * d : d;
   }
   if (i < n) {
     const vf d = load_part(x + i, n - i, r) - vr;
-    s += w ? load_part(w + i, n - i, 0.0f) * d : d;
+    s1 += w ? load_part(w + i, n - i, 0.0f) * d : d;
   }
-  return hsum(s);
+  return hsum(s0 + s1);
 }
 
 // With q = a * t + b: tsum += sum w q and tx += sum w q (x - r).
@@ -163,16 +168,30 @@ SME_INLINE void ce_soft_grad(const float* x, const float* t, const float* w, int
   }
 }
 
-// sum a[i] * b[i] (b == nullptr: sum a[i]).
+// sum a[i] * b[i] (b == nullptr: sum a[i]). Four accumulators: with one, each add waits for the
+// last (4 cycles), and a 1000-value row takes ~250 cycles of latency instead of ~70 of throughput.
 SME_INLINE float dot(const float* a, const float* b, int64_t n) {
-  vf s = splat(0.0f);
+  vf s0 = splat(0.0f), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) s += b ? loadu(a + i) * loadu(b + i) : loadu(a + i);
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    if (b) {
+      s0 += loadu(a + i) * loadu(b + i);
+      s1 += loadu(a + i + kLanes) * loadu(b + i + kLanes);
+      s2 += loadu(a + i + 2 * kLanes) * loadu(b + i + 2 * kLanes);
+      s3 += loadu(a + i + 3 * kLanes) * loadu(b + i + 3 * kLanes);
+    } else {
+      s0 += loadu(a + i);
+      s1 += loadu(a + i + kLanes);
+      s2 += loadu(a + i + 2 * kLanes);
+      s3 += loadu(a + i + 3 * kLanes);
+    }
+  }
+  for (; i + kLanes <= n; i += kLanes) s0 += b ? loadu(a + i) * loadu(b + i) : loadu(a + i);
   if (i < n) {
     const vf va = load_part(a + i, n - i, 0.0f);
-    s += b ? va * load_part(b + i, n - i, 0.0f) : va;
+    s1 += b ? va * load_part(b + i, n - i, 0.0f) : va;
   }
-  return hsum(s);
+  return hsum((s0 + s1) + (s2 + s3));
 }
 
 // softmax backward: out = y * (g - s); log_softmax backward: out = g - exp(y) * s.

@@ -44,7 +44,7 @@ SME_INLINE void softmax_fwd_block(const SoftmaxFwdArgs& a, int64_t i0, int64_t k
     const vf d = loadu(xt + c * kLanes) - m;
     storeu(xt + c * kLanes, a.log ? d - r : vexp_shifted(d) * r);
   }
-  for (int64_t l = 0; l < k; ++l) store_block_row(xt, l, C, static_cast<T*>(a.y) + (i0 + l) * C);
+  store_block(xt, k, C, static_cast<T*>(a.y) + i0 * C);
 }
 
 template <typename T>
@@ -62,7 +62,7 @@ SME_INLINE void softmax_bwd_block(const SoftmaxBwdArgs& a, int64_t i0, int64_t k
     const vf g = loadu(gt + c * kLanes), y = loadu(yt + c * kLanes);
     storeu(gt + c * kLanes, a.log ? g - vexp_shifted(y) * s : y * (g - s));
   }
-  for (int64_t l = 0; l < k; ++l) store_block_row(gt, l, C, static_cast<T*>(a.gx) + (i0 + l) * C);
+  store_block(gt, k, C, static_cast<T*>(a.gx) + i0 * C);
 }
 
 template <typename T>
@@ -77,19 +77,22 @@ SME_INLINE void softmax_fwd_rows(const SoftmaxFwdArgs& a, int64_t begin, int64_t
   }
   alignas(64) A xbuf[kChunk], obuf[kChunk];
   const int64_t C = a.C;
+  const bool one_chunk = C <= kChunk;  // then the second pass reuses the first one's conversion
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * C;
     T* yr = static_cast<T*>(a.y) + i * C;
     A m = -std::numeric_limits<A>::infinity(), s = 0;
+    const A* x = nullptr;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      chunk_lse(to_acc(xr + c0, n, xbuf), n, m, s, next_chunk(xr, c0, n, C, C, i + 1 == end));
+      x = to_acc(xr + c0, n, xbuf);
+      chunk_lse(x, n, m, s, next_chunk(xr, c0, n, C, C, i + 1 == end));
     }
     const A c = a.log ? std::log(s) : A(1) / s;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
       A* out = out_chunk(yr + c0, obuf);
-      softmax_write(to_acc(xr + c0, n, xbuf), n, m, c, a.log, out);
+      softmax_write(one_chunk ? x : to_acc(xr + c0, n, xbuf), n, m, c, a.log, out);
       from_acc(out, n, yr + c0);
     }
   }
@@ -107,20 +110,25 @@ SME_INLINE void softmax_bwd_rows(const SoftmaxBwdArgs& a, int64_t begin, int64_t
   }
   alignas(64) A gbuf[kChunk], ybuf[kChunk], obuf[kChunk];
   const int64_t C = a.C;
+  const bool one_chunk = C <= kChunk;  // then the second pass reuses the first one's conversions
   for (int64_t i = begin; i < end; ++i) {
     const T* gr = static_cast<const T*>(a.g) + i * C;
     const T* yr = static_cast<const T*>(a.y) + i * C;
     T* outr = static_cast<T*>(a.gx) + i * C;
     A s = 0;
+    const A *g = nullptr, *y = nullptr;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      const A* g = to_acc(gr + c0, n, gbuf);
-      s += a.log ? dot(g, static_cast<const A*>(nullptr), n) : dot(g, to_acc(yr + c0, n, ybuf), n);
+      g = to_acc(gr + c0, n, gbuf);
+      if (!a.log) y = to_acc(yr + c0, n, ybuf);  // log_softmax's sum needs g alone
+      s += dot(g, y, n);
     }
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
       A* out = out_chunk(outr + c0, obuf);
-      softmax_bwd_write(to_acc(gr + c0, n, gbuf), to_acc(yr + c0, n, ybuf), n, s, a.log, out);
+      if (!one_chunk) g = to_acc(gr + c0, n, gbuf);
+      if (!one_chunk || a.log) y = to_acc(yr + c0, n, ybuf);
+      softmax_bwd_write(g, y, n, s, a.log, out);
       from_acc(out, n, outr + c0);
     }
   }

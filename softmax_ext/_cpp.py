@@ -63,3 +63,9 @@ def load() -> None:
 def empty_cache() -> int:
     """Free the CPU gradient buffer kept for reuse between backward calls; returns bytes freed."""
     return int(_module.empty_cache()) if _module is not None else 0
+
+
+def module():
+    """The loaded extension module (softmax_ext._C or its JIT build), for its test hooks."""
+    load()
+    return _module
