@@ -39,7 +39,9 @@ def _float_boundaries() -> torch.Tensor:
     special = torch.tensor(
         [65504.0, 65519.99, 65520.0, 65536.0, 1e30, 2**-24, 2**-25, 2**-26, 2**-14, 6e-8, 0.0]
     )
-    special = torch.cat([special, -special, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    special = torch.cat(
+        [special, -special, torch.tensor([float("inf"), -float("inf"), float("nan")])]
+    )
     g = torch.Generator().manual_seed(0)
     rand_bits = torch.randint(-(2**31), 2**31, (1 << 18,), generator=g, dtype=torch.int64)
     rand = rand_bits.to(torch.int32).view(torch.float32)
