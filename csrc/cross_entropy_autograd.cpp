@@ -87,6 +87,18 @@ at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& d
   }
 }
 
+// The loss in the logits' dtype (kernels and reductions work in the accumulation dtype): made here,
+// so that a float16/bfloat16 loss costs no second operator and autograd node.
+at::Tensor in_logits_dtype(const at::Tensor& loss, const at::Tensor& logits) {
+  return loss.scalar_type() == logits.scalar_type() ? loss : loss.to(logits.scalar_type());
+}
+
+// The incoming gradient in the accumulation dtype, as the backward kernels read it.
+at::Tensor in_acc_dtype(const at::Tensor& grad, const at::Tensor& logits) {
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return grad.scalar_type() == acc ? grad : grad.to(acc);
+}
+
 // Whether `t` is an ordinary CPU tensor whose data this code may read: not a fake, functional,
 // functorch-wrapped or Python-subclass tensor (torch.compile, torch.func), not meta.
 bool plain_cpu(const at::Tensor& t) {
@@ -101,7 +113,8 @@ bool plain_cpu(const at::Tensor& t) {
 
 // The class-index reduction of plain CPU tensors in one loop: at a 256-row batch, the four small
 // ATen ops of the general path below cost more than the loss kernel itself. The same values:
-// sums in float64, rounded once to the loss dtype; the denominator as index_mean_denominator.
+// sums in float64, rounded once to the accumulation dtype, the loss made in the logits' dtype; the
+// denominator as index_mean_denominator.
 template <typename A>
 std::pair<at::Tensor, at::Tensor> reduce_index_cpu(const at::Tensor& rows, const Call& c) {
   const int64_t n = rows.size(0), rs = rows.stride(0), ts = c.target.stride(0);
@@ -114,12 +127,13 @@ std::pair<at::Tensor, at::Tensor> reduce_index_cpu(const at::Tensor& rows, const
     const int64_t ti = t[i * ts];
     if (ti != c.opt.ignore_index) denom += w ? static_cast<double>(w[ti]) : 1.0;
   }
-  const auto opts = rows.options();
-  if (c.opt.reduction == at::Reduction::Sum) return {at::scalar_tensor(total, opts), at::Tensor()};
-  const at::Tensor d = at::scalar_tensor(denom, opts);
-  // as torch: the sum and the denominator in the loss dtype, then their quotient
+  const auto out = c.logits.options();
+  if (c.opt.reduction == at::Reduction::Sum)
+    return {at::scalar_tensor(static_cast<double>(static_cast<A>(total)), out), at::Tensor()};
+  const at::Tensor d = at::scalar_tensor(denom, rows.options());
+  // as torch: the sum and the denominator in the accumulation dtype, then their quotient
   return {
-      at::scalar_tensor(static_cast<double>(static_cast<A>(total) / static_cast<A>(denom)), opts),
+      at::scalar_tensor(static_cast<double>(static_cast<A>(total) / static_cast<A>(denom)), out),
       d};
 }
 
@@ -135,7 +149,7 @@ std::pair<at::Tensor, at::Tensor> reduce_index(const at::Tensor& rows, const Cal
   }
   at::Tensor denom;
   if (reduction == at::Reduction::Mean) denom = index_mean_denominator(c);
-  return {reduce(rows, reduction, denom), denom};
+  return {in_logits_dtype(reduce(rows, reduction, denom), c.logits), denom};
 }
 
 // d loss / d per-row loss: the gradient itself ('none') or a stride-0 expansion of a scalar.
@@ -221,10 +235,10 @@ struct CrossEntropyIndexBackward : CrossEntropyNode {
   SavedVariable denom_;
 
   variable_list apply(variable_list&& grads) override {
-    const at::Tensor& grad = grads[0];
-    if (!grad.defined() || !should_compute_output(0)) return {at::Tensor()};
+    if (!grads[0].defined() || !should_compute_output(0)) return {at::Tensor()};
     const auto self = getptr();
     const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
+    const at::Tensor grad = in_acc_dtype(grads[0], x);
     if (differentiable_backward(grad, {x})) {
       variable_list r = differentiable_grads(grad, {x}, {true}, [&](const auto& in) {
         return at::cross_entropy_loss(in[0].to(grad.scalar_type()), t, maybe(w), opt_.reduction,
@@ -286,12 +300,12 @@ struct CrossEntropySoftBackward : CrossEntropyNode {
   SavedVariable tsum_;
 
   variable_list apply(variable_list&& grads) override {
-    const at::Tensor& grad = grads[0];
     const std::vector<bool> wanted = {should_compute_output(0), should_compute_output(1),
                                       should_compute_output(2)};
-    if (!grad.defined()) return variable_list(3);
+    if (!grads[0].defined()) return variable_list(3);
     const auto self = getptr();
     const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
+    const at::Tensor grad = in_acc_dtype(grads[0], x);
     if (differentiable_backward(grad, {x, t, w})) {
       variable_list r = differentiable_grads(grad, {x, t, w}, wanted, [&](const auto& in) {
         return at::cross_entropy_loss(in[0].to(grad.scalar_type()), in[1].to(grad.scalar_type()),
@@ -346,7 +360,7 @@ void cross_entropy_soft(const c10::OperatorHandle& op, torch::jit::Stack* stack)
         soft_fwd()(c.backend, kernel_args({c.logits, c.target, c.weight}, c.options));
     lse = out[1].toTensor();
     tsum = out[2].toTensor();
-    loss = reduce(out[0].toTensor(), c.opt.reduction, at::Tensor());
+    loss = in_logits_dtype(reduce(out[0].toTensor(), c.opt.reduction, at::Tensor()), c.logits);
   }
   if (node) {
     node->set_next_edges(torch::autograd::collect_next_edges(c.logits, c.target, c.weight));

@@ -244,7 +244,7 @@ def cross_entropy(
         loss = _ce_index_op(logits, target, w, *options, code)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
-    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    return loss  # in the logits' dtype already (the operator rounds it once)
 
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:

@@ -22,7 +22,9 @@ Shapes and dtypes: ``logits`` is (rows, C) with unit class stride; index targets
 accumulation dtype. Per-row results are in the accumulation dtype (float64 for float64 logits,
 float32 otherwise), except the log-sum-exp, float64 for every dtype: the backward splits it as
 hi + lo and computes exp((x - hi) - lo), as exact as PyTorch's exp(log_softmax) even when the
-logits are large (near 1e4), where a float32 log-sum-exp alone would lose four digits.
+logits are large (near 1e4), where a float32 log-sum-exp alone would lose four digits. The public
+cross-entropy operators return the loss in the logits' dtype, rounded once from the accumulation
+dtype.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ OPTIONS = ", ".join(
 # name -> (arguments, outputs as (name, kind)). Output kinds, which the fake kernels follow:
 # "like <arg>": a contiguous tensor of that argument's shape and dtype; "rows": (rows,) in the
 # accumulation dtype; "rows64": (rows,) float64; "loss": the reduced loss (per row for
-# reduction 0, else a scalar) in the accumulation dtype.
+# reduction 0, else a scalar) in the logits' dtype.
 _Spec = Tuple[str, List[Tuple[str, str]]]
 
 PUBLIC: Dict[str, _Spec] = {
@@ -135,7 +137,7 @@ def _fake_kernel(name: str) -> Callable:
                 )
             elif kind == "loss":
                 shape = (logits.shape[0],) if bound["reduction"] == 0 else ()
-                made.append(logits.new_empty(shape, dtype=acc_dtype(logits.dtype)))
+                made.append(logits.new_empty(shape))
             else:
                 dtype = torch.float64 if kind == "rows64" else acc_dtype(logits.dtype)
                 made.append(logits.new_empty((logits.shape[0],), dtype=dtype))
