@@ -139,13 +139,22 @@ struct IndexBwdArgs {
   double nll_scale, smooth_scale;
   void* gx;     // contiguous (rows, C)
   bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
+  // d objective / d lse per row (acc type), or nullptr: the log-sum-exp output's gradient, which
+  // adds glse * p to a row's gradient, ignored rows included (their lse is a function of the row)
+  const void* glse;
+  int64_t glse_stride;
 };
+
+template <typename A, typename Args>
+SME_INLINE A lse_grad(const Args& a, int64_t i) {
+  return a.glse ? static_cast<const A*>(a.glse)[i * a.glse_stride] : A(0);
+}
 
 // Rows [i0, i0 + k) of the backward on a transposed block (C <= kBlockMaxC, float accumulation).
 template <typename T>
 SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k) {
-  alignas(64) float xt[kBlockMaxC * kLanes], hv[kLanes] = {}, lv[kLanes] = {}, av[kLanes] = {},
-                                             gv[kLanes] = {}, gtv[kLanes];
+  alignas(64) float xt[kBlockMaxC * kLanes], ot[kBlockMaxC * kLanes],
+      hv[kLanes] = {}, lv[kLanes] = {}, av[kLanes] = {}, gv[kLanes] = {}, gtv[kLanes], glv[kLanes];
   int64_t tv[kLanes];
   const int64_t C = a.C;
   const float* w = static_cast<const float*>(a.w);
@@ -154,31 +163,40 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   const float* ws = a.with_smooth ? w : nullptr;
   for (int64_t l = 0; l < k; ++l) {  // per-row scalars; ignored rows are zeroed when stored
     const int64_t i = i0 + l, t = tv[l] = a.target[i * a.target_stride];
-    if (t == a.ignore_index) continue;
+    const float gl = glv[l] = lse_grad<float>(a, i);
+    hv[l] = static_cast<float>(a.lse[i]);
+    lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
+    if (t == a.ignore_index) {  // only the log-sum-exp's gradient, if any
+      av[l] = gl;
+      continue;
+    }
     const float g = static_cast<const float*>(a.grad)[i * a.g_stride];
     const float gs = a.with_smooth ? g * static_cast<float>(a.smooth_scale) : 0.0f;
     const float gn = a.with_smooth ? g * static_cast<float>(a.nll_scale) : g;
     gtv[l] = gn * (w ? w[t] : 1.0f);
-    hv[l] = static_cast<float>(a.lse[i]);
-    lv[l] = static_cast<float>(a.lse[i] - static_cast<double>(hv[l]));
-    av[l] = a.with_smooth ? gtv[l] + gs * static_cast<float>(a.W) : gtv[l];
+    av[l] = (a.with_smooth ? gtv[l] + gs * static_cast<float>(a.W) : gtv[l]) + gl;
     gv[l] = gs;
   }
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
   const vf vh = loadu(hv), vl = loadu(lv), va = loadu(av), vg = loadu(gv);
   for (int64_t c = 0; c < C; ++c) {
     const vf p = vexp_shifted((loadu(xt + c * kLanes) - vh) - vl);
-    storeu(xt + c * kLanes, va * p - (ws ? vg * ws[c] : vg));
+    storeu(ot + c * kLanes, va * p - (ws ? vg * ws[c] : vg));
   }
   for (int64_t l = 0; l < k; ++l) {
-    if (tv[l] == a.ignore_index) {  // an ignored row's gradient is +0 throughout
-      for (int64_t c = 0; c < C; ++c) xt[c * kLanes + l] = 0.0f;
+    if (tv[l] == a.ignore_index) {
+      // +0 throughout without a log-sum-exp gradient; with one, glse * p alone (recomputed so that
+      // the smoothing term's weights, which may be infinite, stay out of the row)
+      const float gl = glv[l];
+      for (int64_t c = 0; c < C; ++c)
+        ot[c * kLanes + l] =
+            gl != 0.0f ? gl * std::exp((xt[c * kLanes + l] - hv[l]) - lv[l]) : 0.0f;
       continue;
     }
     // the true-class term, in float, rounded once as the row path does
-    xt[tv[l] * kLanes + l] -= gtv[l];
+    ot[tv[l] * kLanes + l] -= gtv[l];
   }
-  store_block(xt, k, C, static_cast<T*>(a.gx) + i0 * C);
+  store_block(ot, k, C, static_cast<T*>(a.gx) + i0 * C);
 }
 
 template <typename T>
@@ -198,24 +216,29 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     T* gr = static_cast<T*>(a.gx) + i * a.C;
     const int64_t t = a.target[i * a.target_stride];
-    if (t == a.ignore_index) {
+    const bool ignored = t == a.ignore_index;
+    const A gl = lse_grad<A>(a, i);
+    if (ignored && gl == A(0)) {
       std::memset(static_cast<void*>(gr), 0, a.C * sizeof(T));
       continue;
     }
-    const A g = static_cast<const A*>(a.grad)[i * a.g_stride];
+    // an ignored row reaches here only for its log-sum-exp's gradient: glse * p alone
+    const A g = ignored ? A(0) : static_cast<const A*>(a.grad)[i * a.g_stride];
     const A gn = a.with_smooth ? g * static_cast<A>(a.nll_scale) : g;
     const A gs = a.with_smooth ? g * static_cast<A>(a.smooth_scale) : A(0);
-    const A gt = gn * (w ? w[t] : A(1));  // weight of the true-class term
-    const A alpha = a.with_smooth ? gt + gs * static_cast<A>(a.W) : gt;
+    const A gt = ignored ? A(0) : gn * (w ? w[t] : A(1));  // weight of the true-class term
+    const A alpha = (a.with_smooth ? gt + gs * static_cast<A>(a.W) : gt) + gl;
+    const A* row_ws = ignored ? nullptr : ws;
     const A hi = static_cast<A>(a.lse[i]);
     const A lo = static_cast<A>(a.lse[i] - static_cast<double>(hi));
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       A* out = out_chunk(gr + c0, obuf);
       const bool stream = std::is_same_v<T, float> && a.stream;
-      ce_index_grad(to_acc(xr + c0, n, xbuf), ws ? ws + c0 : nullptr, n, hi, lo, alpha, gs, out,
-                    stream);
-      if (t >= c0 && t < c0 + n) out[t - c0] -= gt;  // in the accumulation type, then rounded once
+      ce_index_grad(to_acc(xr + c0, n, xbuf), row_ws ? row_ws + c0 : nullptr, n, hi, lo, alpha, gs,
+                    out, stream);
+      // in the accumulation type, then rounded once
+      if (!ignored && t >= c0 && t < c0 + n) out[t - c0] -= gt;
       from_acc(out, n, gr + c0);
     }
   }
@@ -272,6 +295,8 @@ struct SoftBwdArgs {
   const void* tsum;
   double eps;
   void* gx;
+  const void* glse;  // as IndexBwdArgs::glse
+  int64_t glse_stride;
 };
 
 template <typename T>
@@ -284,7 +309,7 @@ SME_INLINE void ce_soft_bwd_rows(const SoftBwdArgs& a, int64_t begin, int64_t en
     const T* tr = static_cast<const T*>(a.t) + i * a.t_row_stride;
     T* gr = static_cast<T*>(a.gx) + i * a.C;
     const A g = static_cast<const A*>(a.grad)[i * a.g_stride];
-    const A gS = g * static_cast<const A*>(a.tsum)[i];
+    const A gS = g * static_cast<const A*>(a.tsum)[i] + lse_grad<A>(a, i);
     const A c1 = g * static_cast<A>(1.0 - a.eps), c0 = g * static_cast<A>(a.eps / a.C);
     const A hi = static_cast<A>(a.lse[i]);
     const A lo = static_cast<A>(a.lse[i] - static_cast<double>(hi));
@@ -356,6 +381,12 @@ at::Tensor per_row(const at::Tensor& v, const at::Tensor& x, const char* name) {
   return v.to(acc_type(x.scalar_type()));
 }
 
+// An optional per-row vector (undefined when absent).
+at::Tensor optional_per_row(const std::optional<at::Tensor>& v, const at::Tensor& x,
+                            const char* name) {
+  return v.has_value() && v->defined() ? per_row(*v, x, name) : at::Tensor();
+}
+
 at::Tensor lse_of(const at::Tensor& lse, const at::Tensor& x) {
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == x.size(0), "softmax_ext: lse must be (rows,)");
   return lse.to(at::kDouble).contiguous();
@@ -425,15 +456,16 @@ void ce_index_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
-// (grad_loss, logits, target, weight, lse, options...) -> grad_logits
+// (grad_loss, logits, target, weight, lse, grad_lse, options...) -> grad_logits
 void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const KernelCall k(op, stack, 5);
+  const KernelCall k(op, stack, 6);
   const at::Tensor &logits = k.tensor(1), &target = k.tensor(2);
   check_logits(logits, "ce_index_bwd");
   check_index_target(logits, target, k.opt.ignore_index, "ce_index_bwd");
   auto [w, W] = prepared_weight(k.optional(3), logits, "ce_index_bwd");
   const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
   const at::Tensor l = lse_of(k.tensor(4), logits);
+  const at::Tensor gl = optional_per_row(k.optional(5), logits, "grad_lse");
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() > 0) {
     const auto [nll_scale, smooth_scale] = smoothing_scales(k.opt, logits.size(1));
@@ -452,7 +484,9 @@ void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                          nll_scale,
                          smooth_scale,
                          gx.mutable_data_ptr(),
-                         streams_well(gx)};
+                         streams_well(gx),
+                         data_or_null(gl),
+                         gl.defined() ? gl.stride(0) : 0};
     ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   }
   torch::jit::push(*stack, std::move(gx));
@@ -492,9 +526,9 @@ void ce_soft_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::push(*stack, std::move(loss), std::move(lse), std::move(tsum));
 }
 
-// (grad_loss, logits, target, weight, lse, tsum, options...) -> grad_logits
+// (grad_loss, logits, target, weight, lse, tsum, grad_lse, options...) -> grad_logits
 void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const KernelCall k(op, stack, 6);
+  const KernelCall k(op, stack, 7);
   const at::Tensor& logits = k.tensor(1);
   check_logits(logits, "ce_soft_bwd");
   check_soft_target(logits, k.tensor(2), "ce_soft_bwd");
@@ -503,12 +537,23 @@ void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
   const at::Tensor ts = per_row(k.tensor(5), logits, "tsum").contiguous();
   const at::Tensor l = lse_of(k.tensor(4), logits);
+  const at::Tensor gl = optional_per_row(k.optional(6), logits, "grad_lse");
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() > 0) {
-    const SoftBwdArgs a{g.const_data_ptr(),  g.stride(0),           logits.const_data_ptr(),
-                        logits.stride(0),    logits.size(1),        t.const_data_ptr(),
-                        t.stride(0),         data_or_null(w),       l.const_data_ptr<double>(),
-                        ts.const_data_ptr(), k.opt.label_smoothing, gx.mutable_data_ptr()};
+    const SoftBwdArgs a{g.const_data_ptr(),
+                        g.stride(0),
+                        logits.const_data_ptr(),
+                        logits.stride(0),
+                        logits.size(1),
+                        t.const_data_ptr(),
+                        t.stride(0),
+                        data_or_null(w),
+                        l.const_data_ptr<double>(),
+                        ts.const_data_ptr(),
+                        k.opt.label_smoothing,
+                        gx.mutable_data_ptr(),
+                        data_or_null(gl),
+                        gl.defined() ? gl.stride(0) : 0};
     ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   }
   torch::jit::push(*stack, std::move(gx));

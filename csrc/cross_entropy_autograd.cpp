@@ -87,10 +87,17 @@ at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& d
   }
 }
 
-// The loss in the logits' dtype (kernels and reductions work in the accumulation dtype): made here,
-// so that a float16/bfloat16 loss costs no second operator and autograd node.
-at::Tensor in_logits_dtype(const at::Tensor& loss, const at::Tensor& logits) {
-  return loss.scalar_type() == logits.scalar_type() ? loss : loss.to(logits.scalar_type());
+// The dtype of the operators' loss: the logits' (kernels and reductions work in the accumulation
+// dtype; rounding here spares a float16/bfloat16 loss a second operator and autograd node), or the
+// accumulation dtype while a z-loss is still to be added to it (then rounded once, in Python).
+at::ScalarType loss_dtype(const at::Tensor& logits, const LossOptions& opt) {
+  if (opt.lse_square_scale == 0.0) return logits.scalar_type();
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor in_loss_dtype(const at::Tensor& loss, const at::Tensor& logits, const LossOptions& opt) {
+  const at::ScalarType st = loss_dtype(logits, opt);
+  return loss.scalar_type() == st ? loss : loss.to(st);
 }
 
 // The incoming gradient in the accumulation dtype, as the backward kernels read it.
@@ -127,7 +134,7 @@ std::pair<at::Tensor, at::Tensor> reduce_index_cpu(const at::Tensor& rows, const
     const int64_t ti = t[i * ts];
     if (ti != c.opt.ignore_index) denom += w ? static_cast<double>(w[ti]) : 1.0;
   }
-  const auto out = c.logits.options();
+  const auto out = c.logits.options().dtype(loss_dtype(c.logits, c.opt));
   if (c.opt.reduction == at::Reduction::Sum)
     return {at::scalar_tensor(static_cast<double>(static_cast<A>(total)), out), at::Tensor()};
   const at::Tensor d = at::scalar_tensor(denom, rows.options());
@@ -149,7 +156,7 @@ std::pair<at::Tensor, at::Tensor> reduce_index(const at::Tensor& rows, const Cal
   }
   at::Tensor denom;
   if (reduction == at::Reduction::Mean) denom = index_mean_denominator(c);
-  return {in_logits_dtype(reduce(rows, reduction, denom), c.logits), denom};
+  return {in_loss_dtype(reduce(rows, reduction, denom), c.logits, c.opt), denom};
 }
 
 // d loss / d per-row loss: the gradient itself ('none') or a stride-0 expansion of a scalar.
@@ -168,25 +175,33 @@ at::Tensor as_source(const at::Tensor& t) {
   return t.requires_grad() ? t : t.detach().requires_grad_(true);
 }
 
-// The backward as torch's own, for a differentiable backward: `loss_of(inputs)` is torch's
-// cross-entropy of the saved inputs; differentiated with a graph it gives exactly torch's second
-// derivatives and gradients with respect to the incoming gradient. Only double backward pays for
+// The backward as torch's own, for a differentiable backward: `outputs_of(inputs)` gives torch's
+// cross-entropy of the saved inputs and each row's log-sum-exp; differentiated with a graph it
+// gives exactly torch's second derivatives and gradients with respect to the incoming gradients
+// (`grads`, one per output, undefined where that output got none). Only double backward pays for
 // this; the first-order path builds no graph and calls the kernels. Empty when no graph arises.
-template <typename LossOf>
-variable_list differentiable_grads(const at::Tensor& grad, std::vector<at::Tensor> inputs,
-                                   const std::vector<bool>& wanted, const LossOf& loss_of) {
+template <typename OutputsOf>
+variable_list differentiable_grads(const variable_list& grads, std::vector<at::Tensor> inputs,
+                                   const std::vector<bool>& wanted, const OutputsOf& outputs_of) {
   std::vector<at::Tensor> sources;
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (!wanted[i]) continue;
     inputs[i] = as_source(inputs[i]);
     sources.push_back(inputs[i]);
   }
-  const at::Tensor loss = loss_of(inputs);
-  // No graph recorded (tensors of a torch.func transform that has returned, such as vjp's saved
-  // ones, look as if they needed a gradient but record nothing): the caller's first-order path.
-  if (!loss.requires_grad()) return {};
-  const variable_list found = torch::autograd::grad({loss}, sources, {grad}, /*retain_graph=*/true,
-                                                    /*create_graph=*/true, /*allow_unused=*/true);
+  const variable_list all = outputs_of(inputs);
+  variable_list outs, outs_grads;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (!grads[i].defined()) continue;
+    // No graph recorded (tensors of a torch.func transform that has returned, such as vjp's saved
+    // ones, look as if they needed a gradient but record nothing): the caller's first-order path.
+    if (!all[i].requires_grad()) return {};
+    outs.push_back(all[i]);
+    outs_grads.push_back(grads[i].to(all[i].scalar_type()));
+  }
+  const variable_list found =
+      torch::autograd::grad(outs, sources, outs_grads, /*retain_graph=*/true,
+                            /*create_graph=*/true, /*allow_unused=*/true);
   variable_list out(inputs.size());
   for (size_t i = 0, k = 0; i < inputs.size(); ++i) {
     if (!wanted[i]) continue;
@@ -194,6 +209,26 @@ variable_list differentiable_grads(const at::Tensor& grad, std::vector<at::Tenso
     ++k;
   }
   return out;
+}
+
+// The incoming gradients of (loss, lse) as the kernels take them: d loss in the accumulation
+// dtype (zeros when only the log-sum-exp got a gradient) and d lse (undefined when it got none).
+std::pair<at::Tensor, at::Tensor> loss_and_lse_grads(const variable_list& grads,
+                                                     const at::Tensor& x, const at::Tensor& lse,
+                                                     int64_t reduction) {
+  at::Tensor gl = grads[1].defined() ? in_acc_dtype(grads[1], x) : at::Tensor();
+  if (grads[0].defined()) return {in_acc_dtype(grads[0], x), gl};
+  const auto opts = lse.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return {reduction == at::Reduction::None ? at::zeros_symint(lse.sym_sizes(), opts)
+                                           : at::zeros({}, opts),
+          gl};
+}
+
+// Both outputs (loss, lse) of a cross-entropy operator come from `node`.
+template <typename NodeRef>
+void set_outputs_history(const at::Tensor& loss, const at::Tensor& lse, const NodeRef& node) {
+  torch::autograd::set_history(loss, node);
+  torch::autograd::set_history(lse, node);
 }
 
 // What both cross-entropy nodes keep: the inputs, the log-sum-exp, the option block as the
@@ -208,7 +243,7 @@ struct CrossEntropyNode : torch::autograd::Node {
     logits_ = SavedVariable(c.logits, false);
     target_ = SavedVariable(c.target, false);
     weight_ = SavedVariable(c.weight, false);
-    lse_ = SavedVariable(lse, false);
+    lse_ = SavedVariable(lse, /*is_output=*/true);  // also the operator's second output
     options_ = std::move(c.options);
     opt_ = c.opt;
     backend_ = c.backend;
@@ -235,20 +270,25 @@ struct CrossEntropyIndexBackward : CrossEntropyNode {
   SavedVariable denom_;
 
   variable_list apply(variable_list&& grads) override {
-    if (!grads[0].defined() || !should_compute_output(0)) return {at::Tensor()};
+    if ((!grads[0].defined() && !grads[1].defined()) || !should_compute_output(0))
+      return {at::Tensor()};
     const auto self = getptr();
     const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
-    const at::Tensor grad = in_acc_dtype(grads[0], x);
-    if (differentiable_backward(grad, {x})) {
-      variable_list r = differentiable_grads(grad, {x}, {true}, [&](const auto& in) {
-        return at::cross_entropy_loss(in[0].to(grad.scalar_type()), t, maybe(w), opt_.reduction,
-                                      opt_.ignore_index, opt_.label_smoothing);
+    const at::Tensor lse = lse_.unpack(self);
+    const auto [grad, grad_lse] = loss_and_lse_grads(grads, x, lse, opt_.reduction);
+    if (differentiable_backward(grad, {x}) ||
+        (grad_lse.defined() && differentiable_backward(grad_lse, {x}))) {
+      variable_list r = differentiable_grads(grads, {x}, {true}, [&](const auto& in) {
+        const at::Tensor xa = in[0].to(grad.scalar_type());
+        return variable_list{at::cross_entropy_loss(xa, t, maybe(w), opt_.reduction,
+                                                    opt_.ignore_index, opt_.label_smoothing),
+                             at::logsumexp(in[0].to(at::kDouble), {1})};
       });
       if (!r.empty()) return r;
     }
     const at::Tensor g = row_scale(grad, opt_.reduction, x.sym_size(0), denom_.unpack(self));
-    return {index_bwd()(backend_, kernel_args({g, x, t, w, lse_.unpack(self)}, options_))[0]
-                .toTensor()};
+    return {
+        index_bwd()(backend_, kernel_args({g, x, t, w, lse, grad_lse}, options_))[0].toTensor()};
   }
 
   std::string name() const override { return "CrossEntropyIndexBackward"; }
@@ -277,11 +317,11 @@ void cross_entropy_index(const c10::OperatorHandle& op, torch::jit::Stack* stack
   }
   if (node) {
     node->set_next_edges(torch::autograd::collect_next_edges(c.logits));
-    torch::autograd::set_history(loss, node);
+    set_outputs_history(loss, lse, node);
     node->save(c, lse);
     node->denom_ = SavedVariable(denom, false);
   }
-  torch::jit::push(*stack, std::move(loss));
+  torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
 // ---- class-probability targets ------------------------------------------------------------------
@@ -302,24 +342,29 @@ struct CrossEntropySoftBackward : CrossEntropyNode {
   variable_list apply(variable_list&& grads) override {
     const std::vector<bool> wanted = {should_compute_output(0), should_compute_output(1),
                                       should_compute_output(2)};
-    if (!grads[0].defined()) return variable_list(3);
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(3);
     const auto self = getptr();
     const at::Tensor x = logits_.unpack(self), t = target_.unpack(self), w = weight_.unpack(self);
-    const at::Tensor grad = in_acc_dtype(grads[0], x);
-    if (differentiable_backward(grad, {x, t, w})) {
-      variable_list r = differentiable_grads(grad, {x, t, w}, wanted, [&](const auto& in) {
-        return at::cross_entropy_loss(in[0].to(grad.scalar_type()), in[1].to(grad.scalar_type()),
-                                      maybe(in[2]), opt_.reduction, -100, opt_.label_smoothing);
+    const at::Tensor lse = lse_.unpack(self);
+    const auto [grad, grad_lse] = loss_and_lse_grads(grads, x, lse, opt_.reduction);
+    if (differentiable_backward(grad, {x, t, w}) ||
+        (grad_lse.defined() && differentiable_backward(grad_lse, {x, t, w}))) {
+      variable_list r = differentiable_grads(grads, {x, t, w}, wanted, [&](const auto& in) {
+        return variable_list{
+            at::cross_entropy_loss(in[0].to(grad.scalar_type()), in[1].to(grad.scalar_type()),
+                                   maybe(in[2]), opt_.reduction, -100, opt_.label_smoothing),
+            at::logsumexp(in[0].to(at::kDouble), {1})};
       });
       if (!r.empty()) return r;
     }
-    const at::Tensor lse = lse_.unpack(self);
     const at::Tensor g = row_scale(grad, opt_.reduction, x.sym_size(0), at::Tensor());
     variable_list out(3);
     if (wanted[0])
-      out[0] = soft_bwd()(backend_, kernel_args({g, x, t, w, lse, tsum_.unpack(self)}, options_))[0]
+      out[0] = soft_bwd()(backend_,
+                          kernel_args({g, x, t, w, lse, tsum_.unpack(self), grad_lse}, options_))[0]
                    .toTensor();
-    if (wanted[1] || wanted[2]) {
+    // the log-sum-exp depends on the logits alone: target and weight gradients come from the loss
+    if ((wanted[1] || wanted[2]) && grads[0].defined()) {
       // Rare (distillation with a learned teacher, learned class weights), so tensor ops on an
       // N x C temporary rather than a kernel:
       //   d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]) * g
@@ -360,15 +405,15 @@ void cross_entropy_soft(const c10::OperatorHandle& op, torch::jit::Stack* stack)
         soft_fwd()(c.backend, kernel_args({c.logits, c.target, c.weight}, c.options));
     lse = out[1].toTensor();
     tsum = out[2].toTensor();
-    loss = in_logits_dtype(reduce(out[0].toTensor(), c.opt.reduction, at::Tensor()), c.logits);
+    loss = in_loss_dtype(reduce(out[0].toTensor(), c.opt.reduction, at::Tensor()), c.logits, c.opt);
   }
   if (node) {
     node->set_next_edges(torch::autograd::collect_next_edges(c.logits, c.target, c.weight));
-    torch::autograd::set_history(loss, node);
+    set_outputs_history(loss, lse, node);
     node->save(c, lse);
     node->tsum_ = SavedVariable(tsum, false);
   }
-  torch::jit::push(*stack, std::move(loss));
+  torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
 }  // namespace

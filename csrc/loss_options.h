@@ -18,6 +18,9 @@ struct LossOptions {
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
   int64_t reduction = at::Reduction::Mean;  // applied by the autograd nodes; kernels ignore it
+  // The z-loss weight: added in Python from the log-sum-exp output; nonzero keeps the nodes' loss
+  // in the accumulation dtype. Kernels ignore it.
+  double lse_square_scale = 0.0;
 
   // Arguments [first, last) of an operator call, named by its schema.
   static LossOptions read(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args,
@@ -37,6 +40,8 @@ struct LossOptions {
       label_smoothing = v.toDouble();
     else if (name == "reduction")
       reduction = v.toInt();
+    else if (name == "lse_square_scale")
+      lse_square_scale = v.toDouble();
     else
       TORCH_CHECK(false, "softmax_ext: unknown loss option '", name,
                   "': softmax_ext/ops.py and csrc/loss_options.h disagree");

@@ -8,7 +8,7 @@ Everything after that (reduction, autograd, kernels) is one C++ operator per fun
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +125,11 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Cross-entropy between logits and class-index or class-probability targets.
 
     Same arguments (in the same order), defaults, semantics and exceptions as
@@ -143,16 +146,44 @@ def cross_entropy(
         ignore_index: a target value that contributes neither loss nor gradient (index targets).
         reduction: "none", "mean" or "sum".
         label_smoothing: amount of smoothing in [0, 1].
+        lse_square_scale: the z-loss (PaLM): ``lse_square_scale * lse**2`` per row, lse the row's
+            log-sum-exp, 0 for ignored rows, added to the loss and reduced with it ("mean"
+            averages it over the non-ignored rows, without class weights, as Liger-Kernel and
+            flash-attn do).
+        return_z_loss: also return the z-loss term, reduced like the loss (included in the loss).
+        return_lse: also return each row's log-sum-exp (the unreduced loss's shape; float32 for
+            float16/bfloat16/float32 logits, float64 for float64), differentiable.
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "torch".
+
+    Returns:
+        The loss; with ``return_z_loss`` and/or ``return_lse``, a tuple (loss, z_loss, lse) of
+        those asked for, in that order.
     """
     # The checks below run on every training step: at a 256 x 10 batch each costs a noticeable
     # share of the step, hence the cheap common cases first.
     _check_backend(backend)
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    extras = bool(lse_square_scale) or return_z_loss or return_lse
+    if extras:
+        _check_lse_square_scale(lse_square_scale)
     if _torch_serves(backend):
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
+        )
+        if not extras:
+            return loss
+        lse = input.to(acc_dtype(input.dtype)).logsumexp(1 if input.dim() > 1 else 0)
+        return _with_lse_terms(
+            loss,
+            lse,
+            target,
+            ignore_index,
+            reduction,
+            lse_square_scale,
+            return_z_loss,
+            return_lse,
+            input.dtype,
         )
     # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as in torch
     reduction_enum = _Reduction.get_enum(reduction)
@@ -226,7 +257,21 @@ def cross_entropy(
             dtype = torch.promote_types(dtype, weight.dtype)
         input, target = input.to(dtype), target.to(dtype)
         if n_classes == 0:  # nothing for a kernel to do: torch's -0 per row, NaN mean
-            return F.cross_entropy(input, target, weight, reduction=reduction)
+            loss = F.cross_entropy(input, target, weight, reduction=reduction)
+            if not extras:
+                return loss
+            lse = input.to(acc_dtype(input.dtype)).logsumexp(1)
+            return _with_lse_terms(
+                loss,
+                lse,
+                None,
+                ignore_index,
+                reduction,
+                lse_square_scale,
+                return_z_loss,
+                return_lse,
+                input.dtype,
+            )
     code = backend_code(backend, input.device)
     logits = _rows_view(input)
     # the kernels index the class weights as a contiguous vector
@@ -235,16 +280,84 @@ def cross_entropy(
         ignore_index=int(ignore_index),
         label_smoothing=float(label_smoothing),
         reduction=reduction_enum,
+        lse_square_scale=float(lse_square_scale),
     )
     if soft:
-        loss = _ce_soft_op(logits, _rows_view(target), w, *options, code)
+        loss, lse = _ce_soft_op(logits, _rows_view(target), w, *options, code)
     else:
+        rows_target = target
         if target.dim() != 1 or target.dtype != torch.long:  # skip two no-op calls per step
-            target = target.reshape(-1).long()
-        loss = _ce_index_op(logits, target, w, *options, code)
-    if reduction == "none":
-        loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+            rows_target = target.reshape(-1).long()
+        loss, lse = _ce_index_op(logits, rows_target, w, *options, code)
+    if reduction == "none" or extras:
+        row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+        if reduction == "none":
+            loss = loss.reshape(row_shape)
+        if extras:
+            lse = lse.reshape(row_shape).to(acc_dtype(input.dtype))
+            return _with_lse_terms(
+                loss,
+                lse,
+                None if soft else target,
+                ignore_index,
+                reduction,
+                lse_square_scale,
+                return_z_loss,
+                return_lse,
+                input.dtype,
+            )
     return loss  # in the logits' dtype already (the operator rounds it once)
+
+
+def _check_lse_square_scale(scale: float) -> None:
+    if not (isinstance(scale, (int, float)) and 0.0 <= scale < float("inf")):
+        raise ValueError(
+            f"lse_square_scale must be a finite number >= 0 (the z-loss weight), got {scale!r}"
+        )
+
+
+def _with_lse_terms(
+    loss: Tensor,
+    lse: Tensor,
+    target: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    lse_square_scale: float,
+    return_z_loss: bool,
+    return_lse: bool,
+    out_dtype: torch.dtype,
+) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """The z-loss and log-sum-exp extras of :func:`cross_entropy`, from the per-row ``lse``.
+
+    ``target`` holds class indices (rows whose target is ``ignore_index`` get no z-loss) or is
+    None (soft targets: every row counts). Built from torch ops on (rows,) tensors, so autograd
+    carries their gradient into the operator's log-sum-exp output. With a z-loss the operators'
+    loss comes in the accumulation dtype: loss + z-loss is rounded to ``out_dtype`` once.
+    """
+    z = None
+    if lse_square_scale or return_z_loss:
+        z_rows = lse.square() * lse_square_scale
+        if target is not None and not target.is_floating_point():
+            counted = target != ignore_index
+            z_rows = torch.where(counted, z_rows, torch.zeros_like(z_rows))
+            n_counted = counted.sum()
+        else:
+            n_counted = z_rows.numel()
+        if reduction == "none":
+            z = z_rows
+        elif reduction == "sum":
+            z = z_rows.sum()
+        else:
+            z = z_rows.sum() / n_counted
+        if lse_square_scale:
+            loss = (loss + z.to(loss.dtype)).to(out_dtype)
+        z = z.to(out_dtype)
+    out = [loss]
+    if return_z_loss:
+        out.append(z)
+    if return_lse:
+        out.append(lse)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:

@@ -6,7 +6,7 @@ buffer), ``.to()`` and ``repr`` behave exactly as with PyTorch's module.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,7 +19,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     Args are PyTorch's, in its order (``weight``, ``size_average``, ``ignore_index``, ``reduce``,
     ``reduction``, ``label_smoothing``; the deprecated two as torch handles them), plus the
-    keyword-only ``backend`` ("auto", "cpp", "triton" or "torch").
+    keyword-only ``lse_square_scale``, ``return_z_loss``, ``return_lse`` (see
+    :func:`softmax_ext.cross_entropy`; named as in Liger-Kernel and flash-attn) and ``backend``
+    ("auto", "cpp", "triton" or "torch").
     """
 
     def __init__(
@@ -31,6 +33,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        lse_square_scale: float = 0.0,
+        return_z_loss: bool = False,
+        return_lse: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -42,11 +47,20 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             label_smoothing=label_smoothing,
         )
         SF._check_backend(backend)
+        SF._check_lse_square_scale(lse_square_scale)
+        self.lse_square_scale = lse_square_scale
+        self.return_z_loss = return_z_loss
+        self.return_lse = return_lse
         self.backend = backend
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """TorchScript cannot compile softmax_ext's Python layer: torch.jit.script gets torch's own
         module with the same configuration (and the same ``weight`` buffer) instead."""
+        if self.lse_square_scale or self.return_z_loss or self.return_lse:
+            raise RuntimeError(
+                "torch.jit.script: torch.nn.CrossEntropyLoss has no lse_square_scale, "
+                "return_z_loss or return_lse, so this configuration cannot be scripted"
+            )
         return torch.nn.CrossEntropyLoss(
             weight=self.weight,
             ignore_index=self.ignore_index,
@@ -54,7 +68,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             label_smoothing=self.label_smoothing,
         )
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
         return SF.cross_entropy(
             input,
             target,
@@ -62,6 +76,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale,
+            return_z_loss=self.return_z_loss,
+            return_lse=self.return_lse,
             backend=self.backend,
         )
 

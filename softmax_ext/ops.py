@@ -48,6 +48,10 @@ class LossOptions(NamedTuple):
     ignore_index: int = -100  # index targets: rows with this target give 0 and no gradient
     label_smoothing: float = 0.0  # q = (1 - eps) * target + eps / C
     reduction: int = 1  # torch's at::Reduction: 0 none, 1 mean, 2 sum (the nodes reduce)
+    # the z-loss weight; the z-loss itself is added by softmax_ext.functional from the operators'
+    # log-sum-exp output, so a nonzero value only keeps the loss in the accumulation dtype (one
+    # rounding after the addition instead of two)
+    lse_square_scale: float = 0.0
 
 
 _SCHEMA_TYPES = {int: "int", float: "float", bool: "bool"}
@@ -58,21 +62,23 @@ OPTIONS = ", ".join(
 # name -> (arguments, outputs as (name, kind)). Output kinds, which the fake kernels follow:
 # "like <arg>": a contiguous tensor of that argument's shape and dtype; "rows": (rows,) in the
 # accumulation dtype; "rows64": (rows,) float64; "loss": the reduced loss (per row for
-# reduction 0, else a scalar) in the logits' dtype.
+# reduction 0, else a scalar) in the logits' dtype (the accumulation dtype with a z-loss).
 _Spec = Tuple[str, List[Tuple[str, str]]]
 
 PUBLIC: Dict[str, _Spec] = {
     # softmax (log=False) or log_softmax (log=True) along dim, in the input's dtype.
     "softmax": ("Tensor input, int dim, bool log, int backend", [("out", "like input")]),
-    # Cross-entropy against int64 class indices, reduced.
+    # Cross-entropy against int64 class indices, reduced, and each row's log-sum-exp (which is
+    # differentiable: the z-loss and return_lse of softmax_ext.cross_entropy are built on it).
     "cross_entropy_index": (
         f"Tensor logits, Tensor target, Tensor? weight, {OPTIONS}, int backend",
-        [("loss", "loss")],
+        [("loss", "loss"), ("lse", "rows64")],
     ),
-    # Cross-entropy against (rows, C) class probabilities, reduced (a mean divides by rows).
+    # Cross-entropy against (rows, C) class probabilities, reduced (a mean divides by rows), and
+    # each row's log-sum-exp.
     "cross_entropy_soft": (
         f"Tensor logits, Tensor target, Tensor? weight, {OPTIONS}, int backend",
-        [("loss", "loss")],
+        [("loss", "loss"), ("lse", "rows64")],
     ),
 }
 
@@ -89,9 +95,11 @@ KERNELS: Dict[str, _Spec] = {
         f"Tensor logits, Tensor target, Tensor? weight, {OPTIONS}",
         [("loss", "rows"), ("lse", "rows64")],
     ),
-    # d/dlogits of sum_i grad_loss[i] * loss[i]; grad_loss may be a stride-0 expansion.
+    # d/dlogits of sum_i grad_loss[i] * loss[i] + grad_lse[i] * lse[i] (grad_lse None: 0);
+    # grad_loss may be a stride-0 expansion.
     "ce_index_bwd": (
-        f"Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, {OPTIONS}",
+        "Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse,"
+        f" Tensor? grad_lse, {OPTIONS}",
         [("grad_logits", "like logits")],
     ),
     # q = (1 - eps) * target + eps / C. Per row: loss = sum_c w[c] q[c] (lse - x[c]), lse, and
@@ -100,10 +108,10 @@ KERNELS: Dict[str, _Spec] = {
         f"Tensor logits, Tensor target, Tensor? weight, {OPTIONS}",
         [("loss", "rows"), ("lse", "rows64"), ("tsum", "rows")],
     ),
-    # d/dlogits of sum_i grad_loss[i] * loss[i].
+    # d/dlogits of sum_i grad_loss[i] * loss[i] + grad_lse[i] * lse[i] (grad_lse None: 0).
     "ce_soft_bwd": (
         "Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor tsum,"
-        f" {OPTIONS}",
+        f" Tensor? grad_lse, {OPTIONS}",
         [("grad_logits", "like logits")],
     ),
 }
@@ -114,6 +122,13 @@ def schema(name: str) -> str:
     args, outs = {**PUBLIC, **KERNELS}[name]
     out = ", ".join(f"Tensor {n}" for n, _ in outs)
     return f"({args}) -> " + (f"({out})" if len(outs) > 1 else "Tensor")
+
+
+def loss_dtype(dtype: torch.dtype, options) -> torch.dtype:
+    """The dtype of a public cross-entropy operator's loss for logits of ``dtype``: the logits'
+    own, or the accumulation dtype when a z-loss is still to be added (``options`` maps the
+    option names to values)."""
+    return acc_dtype(dtype) if options["lse_square_scale"] else dtype
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,7 +152,7 @@ def _fake_kernel(name: str) -> Callable:
                 )
             elif kind == "loss":
                 shape = (logits.shape[0],) if bound["reduction"] == 0 else ()
-                made.append(logits.new_empty(shape))
+                made.append(logits.new_empty(shape, dtype=loss_dtype(logits.dtype, bound)))
             else:
                 dtype = torch.float64 if kind == "rows64" else acc_dtype(logits.dtype)
                 made.append(logits.new_empty((logits.shape[0],), dtype=dtype))

@@ -219,12 +219,13 @@ def test_ce_index_matches_torch(device, block, c, weighted, ignore_index, eps):
     )
     assert_close(loss, torch_loss)
     assert (loss[t == ignore_index] == 0).all()
-    grad = k.ce_index_bwd(g, x, t, w, lse, *o)
+    grad = k.ce_index_bwd(g, x, t, w, lse, None, *o)
     assert grad.is_contiguous() and grad.shape == x.shape
     assert_close(grad, r_grad)
     assert (grad[t == ignore_index] == 0).all()
     assert_close(
-        k.ce_index_bwd(g0, x, t, w, lse, *o), ref_index_loss(x, t, w, ignore_index, g0, eps)[2]
+        k.ce_index_bwd(g0, x, t, w, lse, None, *o),
+        ref_index_loss(x, t, w, ignore_index, g0, eps)[2],
     )
 
 
@@ -263,7 +264,7 @@ def test_ce_index_hostile_values(device, block, eps):
     loss, lse = k.ce_index_fwd(x, t, w, *opts(eps))
     r_loss, _, r_grad = ref_index_loss(x, t, w, -100, g, eps)
     assert_close(loss, r_loss)
-    grad = k.ce_index_bwd(g, x, t, w, lse, *opts(eps))
+    grad = k.ce_index_bwd(g, x, t, w, lse, None, *opts(eps))
     assert_close(grad[:5], r_grad[:5])
     assert (grad[5] == 0).all()
     assert_close(grad[6], r_grad[6])
@@ -291,7 +292,7 @@ def test_ce_index_half_types(device, block, dtype):
         r_loss, r_lse, r_grad = ref_index_loss(x, t, None, -100, g, eps)
         assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
         assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
-        grad = k.ce_index_bwd(g, x, t, None, lse, *opts(eps))
+        grad = k.ce_index_bwd(g, x, t, None, lse, None, *opts(eps))
         assert grad.dtype == dtype
         assert_close(grad, r_grad, atol=tol * c, rtol=tol)
         if eps == 0:
@@ -306,12 +307,12 @@ def test_ce_large_logits_keep_gradient_accuracy(device, block):
     k = kernels(device)
     _, lse = k.ce_index_fwd(x, t, None, *opts())
     assert lse.dtype == torch.float64
-    grad = k.ce_index_bwd(g, x, t, None, lse, *opts())
+    grad = k.ce_index_bwd(g, x, t, None, lse, None, *opts())
     assert_close(grad, ref_index(x, t, None, -100, g)[3], atol=1e-6, rtol=1e-5)
     q = torch.softmax(torch.randn(4, 9, device=device), 1)
     _, lse, tsum = k.ce_soft_fwd(x, q, None, *opts())
     assert_close(
-        k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts()),
+        k.ce_soft_bwd(g, x, q, None, lse, tsum, None, *opts()),
         ref_soft(x, q, None, 0.0, g)[3],
         atol=1e-6,
         rtol=1e-5,
@@ -328,7 +329,9 @@ def test_ce_index_bad_targets_raise_on_cpu():
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
             k.ce_index_fwd(x, t, None, *opts())
         with pytest.raises(IndexError):
-            k.ce_index_bwd(torch.ones(4), x, t, None, torch.zeros(4, dtype=torch.float64), *opts())
+            k.ce_index_bwd(
+                torch.ones(4), x, t, None, torch.zeros(4, dtype=torch.float64), None, *opts()
+            )
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
             softmax_ext.cross_entropy(x, t, backend="triton")
         with pytest.raises(IndexError, match=rf"^Target {bad} is out of bounds\.$"):
@@ -354,9 +357,9 @@ def test_ce_soft_matches_torch(device, block, c, weighted, eps):
     assert_close(loss, r_loss)
     assert_close(lse, r_lse)
     assert_close(tsum, r_tsum)
-    assert_close(k.ce_soft_bwd(g, x, q, w, lse, tsum, *o), r_grad)
+    assert_close(k.ce_soft_bwd(g, x, q, w, lse, tsum, None, *o), r_grad)
     g0 = torch.ones((), dtype=torch.float64, device=device).expand(n)
-    assert_close(k.ce_soft_bwd(g0, x, q, w, lse, tsum, *o), ref_soft(x, q, w, eps, g0)[3])
+    assert_close(k.ce_soft_bwd(g0, x, q, w, lse, tsum, None, *o), ref_soft(x, q, w, eps, g0)[3])
 
 
 def test_ce_soft_hostile_values(device, block):
@@ -375,7 +378,7 @@ def test_ce_soft_hostile_values(device, block):
     loss, lse, tsum = k.ce_soft_fwd(x, q, None, *opts())
     r_loss, _, _, r_grad = ref_soft(x, q, None, 0.0, g)
     assert_close(loss, r_loss)
-    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts()), r_grad)
+    assert_close(k.ce_soft_bwd(g, x, q, None, lse, tsum, None, *opts()), r_grad)
     assert torch.isnan(loss[:4]).all() and torch.isfinite(loss[4])
 
 
@@ -389,7 +392,7 @@ def test_ce_soft_half_types(device, dtype):
     r_loss, r_lse, r_tsum, r_grad = ref_soft(x, q, None, 0.1, g)
     assert loss.dtype == tsum.dtype == torch.float32 and lse.dtype == torch.float64
     assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
-    grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, *opts(0.1))
+    grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, None, *opts(0.1))
     assert grad.dtype == dtype
     assert_close(grad, r_grad, atol=1e-2, rtol=1e-2)
 
@@ -413,11 +416,11 @@ def test_vector_width_views(device, block, dtype):
         loss, lse = k.ce_index_fwd(x, t, w, *opts(eps))
         r_loss, r_lse, r_grad = ref_index_loss(x, t, w, -100, gn, eps)
         assert_close(loss, r_loss, **tol)
-        assert_close(k.ce_index_bwd(gn, x, t, w, lse, *opts(eps)), r_grad, **tol)
+        assert_close(k.ce_index_bwd(gn, x, t, w, lse, None, *opts(eps)), r_grad, **tol)
     loss, lse, tsum = k.ce_soft_fwd(x, q, w, *opts(0.2))
     r_loss, _, _, r_sgrad = ref_soft(x, q, w, 0.2, gn)
     assert_close(loss, r_loss, **tol)
-    assert_close(k.ce_soft_bwd(gn, x, q, w, lse, tsum, *opts(0.2)), r_sgrad, **tol)
+    assert_close(k.ce_soft_bwd(gn, x, q, w, lse, tsum, None, *opts(0.2)), r_sgrad, **tol)
     y = k.softmax_fwd(x.contiguous(), 1, False)
     assert_close(y, torch.softmax(x.double(), 1), **tol)
 
@@ -579,17 +582,19 @@ def test_opcheck(device, dtype):
         (k.softmax_bwd, (torch.randn(6, 11, device=device, dtype=dtype), y, 1, False)),
         (k.ce_index_fwd, (x, t, w, *opts(0.1))),
         (k.ce_index_fwd, (x[:, :7], t7, None, *opts(0.0, reduction=0))),
-        (k.ce_index_bwd, (g, x, t, w, lse, *opts(0.1))),
-        (k.ce_index_bwd, (g[:1].expand(6), x, t, None, lse, *opts())),
+        (k.ce_index_bwd, (g, x, t, w, lse, None, *opts(0.1))),
+        (k.ce_index_bwd, (g[:1].expand(6), x, t, None, lse, None, *opts())),
+        (k.ce_index_bwd, (g, x, t, w, lse, torch.randn_like(g), *opts(0.1))),
         (k.ce_soft_fwd, (x, p, None, *opts())),
-        (k.ce_soft_bwd, (g, x, p, w, lse_s, tsum, *opts(0.1))),
+        (k.ce_soft_bwd, (g, x, p, w, lse_s, tsum, None, *opts(0.1))),
+        (k.ce_soft_bwd, (g, x, p, w, lse_s, tsum, torch.randn_like(g), *opts(0.1))),
     ]
     if device == "cuda":
         triton_ce_index_fwd = ops.kernel("ce_index_fwd", ops.BACKEND_TRITON)
         triton_ce_index_bwd = ops.kernel("ce_index_bwd", ops.BACKEND_TRITON)
         cases += [
             (triton_ce_index_fwd, (x, t, None, *opts(0.1, reduction=0))),
-            (triton_ce_index_bwd, (g, x, t, w, lse, *opts(0.1))),
+            (triton_ce_index_bwd, (g, x, t, w, lse, None, *opts(0.1))),
         ]
     ce = ops.public_op("cross_entropy_index")
     backend = ops.backend_code("triton", torch.device(device))
@@ -639,7 +644,7 @@ def test_cuda_out_of_range_target_is_nan_not_a_crash():
     t = torch.tensor([0, 7, -3], device="cuda")
     for eps in (0.0, 0.1):
         loss, lse = k.ce_index_fwd(x, t, None, *opts(eps))
-        grad = k.ce_index_bwd(torch.ones(3, device="cuda"), x, t, None, lse, *opts(eps))
+        grad = k.ce_index_bwd(torch.ones(3, device="cuda"), x, t, None, lse, None, *opts(eps))
         assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
         assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
 
@@ -657,7 +662,7 @@ def test_cuda_262144_classes(dtype):
         r_loss, r_lse, r_grad = ref_index_loss(x, t, None, -100, gn, eps)
         assert_close(loss, r_loss, atol=1e-4, rtol=1e-5)
         assert_close(lse, r_lse, atol=1e-4, rtol=1e-5)
-        grad = k.ce_index_bwd(gn, x, t, None, lse, *opts(eps))
+        grad = k.ce_index_bwd(gn, x, t, None, lse, None, *opts(eps))
         assert_close(grad, r_grad, atol=1e-6 if dtype == torch.float32 else 1e-4, rtol=1e-2)
     y = k.softmax_fwd(x, 1, False)
     assert_close(y, torch.softmax(x.double(), 1), atol=1e-7, rtol=1e-2)
@@ -666,7 +671,7 @@ def test_cuda_262144_classes(dtype):
     r_loss, _, _, r_sgrad = ref_soft(x, q, None, 0.1, gn)
     assert_close(loss, r_loss, atol=1e-4, rtol=1e-5)
     assert_close(
-        k.ce_soft_bwd(gn, x, q, None, lse2, tsum, *opts(0.1)), r_sgrad, atol=1e-6, rtol=1e-2
+        k.ce_soft_bwd(gn, x, q, None, lse2, tsum, None, *opts(0.1)), r_sgrad, atol=1e-6, rtol=1e-2
     )
 
 
@@ -688,7 +693,7 @@ def test_cuda_2_31_elements():
     r_loss, r_lse, r_grad = ref_index_loss(x[tail], t[tail], None, -100, gn[tail], 0.0)
     assert_close(loss[tail], r_loss, atol=1e-4, rtol=1e-5)
     assert_close(lse[tail], r_lse, atol=1e-4, rtol=1e-5)
-    grad = k.ce_index_bwd(gn, x, t, None, lse, *opts())
+    grad = k.ce_index_bwd(gn, x, t, None, lse, None, *opts())
     assert_close(grad[tail], r_grad, atol=1e-4, rtol=1e-2)
     del grad
     y = k.softmax_fwd(x, 1, True)

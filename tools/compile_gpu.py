@@ -229,6 +229,7 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
             xs = empty(OUTER, c, INNER, dtype=dt)
             t, w = empty(ROWS, dtype=torch.int64), empty(c, dtype=acc)
             lse, tsum = empty(ROWS, dtype=torch.float64), empty(ROWS, dtype=acc)
+            glse = empty(ROWS, dtype=acc)
             # (tag, grad_loss, reduction as torch's at::Reduction: 0 none, 1 mean)
             g_mean = ("", empty(dtype=acc).expand(ROWS), 1)
             g_none = (" none", empty(ROWS, dtype=acc), 0)
@@ -248,14 +249,21 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
                     out.append((f"ce_index {tag}{otag}", ce.ce_index_fwd, fwd))
                     for rtag, g, reduction in [g_mean] + ([g_none] if not otag else []):
                         o = LossOptions(label_smoothing=eps, reduction=reduction)
-                        args = (g, x, t, weight, lse, *o)
+                        args = (g, x, t, weight, lse, None, *o)
                         out.append((f"ce_index bwd {tag}{otag}{rtag}", ce.ce_index_bwd, args))
+                    # the log-sum-exp output's gradient (z-loss, return_lse)
+                    o = LossOptions(label_smoothing=eps)
+                    args = (g_mean[1], x, t, weight, lse, glse, *o)
+                    out.append((f"ce_index bwd {tag}{otag} lse-grad", ce.ce_index_bwd, args))
                 fwd = (x, q, weight, *LossOptions(label_smoothing=0.1))
                 out.append((f"ce_soft {tag}{wtag}", sce.ce_soft_fwd, fwd))
                 for rtag, g, reduction in [g_mean] + ([g_none] if weight is None else []):
                     o = LossOptions(label_smoothing=0.1, reduction=reduction)
-                    args = (g, x, q, weight, lse, tsum, *o)
+                    args = (g, x, q, weight, lse, tsum, None, *o)
                     out.append((f"ce_soft bwd {tag}{wtag}{rtag}", sce.ce_soft_bwd, args))
+                o = LossOptions(label_smoothing=0.1)
+                args = (g_mean[1], x, q, weight, lse, tsum, glse, *o)
+                out.append((f"ce_soft bwd {tag}{wtag} lse-grad", sce.ce_soft_bwd, args))
     return out
 
 

@@ -138,6 +138,8 @@ def _ce_index_bwd_kernel(
     wsum_ptr,
     lse_ptr,
     stride_lse,
+    glse_ptr,
+    stride_glse,
     gx_ptr,
     n_rows,
     C,
@@ -146,6 +148,7 @@ def _ce_index_bwd_kernel(
     spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     WITH_SMOOTH: tl.constexpr,
+    HAS_GLSE: tl.constexpr,
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -170,6 +173,8 @@ def _ce_index_bwd_kernel(
             w_total = upcast(tl.zeros([1], tl.float64) + C, IS_F64)
     if HAS_WEIGHT:
         scale *= tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
+    if HAS_GLSE:  # the log-sum-exp output's gradient: glse * p, ignored rows included
+        glse = upcast(tl.load(glse_ptr + rows * stride_glse, mask=row_ok, other=0.0), IS_F64)
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
@@ -189,6 +194,8 @@ def _ce_index_bwd_kernel(
                 w = 1.0
             grad += g_smooth[:, None] * (w_total * p - w)
         grad = tl.where(ignored[:, None], 0.0, tl.where(in_range[:, None], grad, float("nan")))
+        if HAS_GLSE:
+            grad += tl.where(mask, glse[:, None] * p, 0.0)
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -245,9 +252,12 @@ def ce_index_bwd(
     target: Tensor,
     weight: Optional[Tensor],
     lse: Tensor,
+    grad_lse: Optional[Tensor],
     *options: Union[int, float],
 ) -> Tensor:
-    """d/dlogits of sum_i grad_loss[i] * loss[i], ``loss`` as in :func:`ce_index_fwd`.
+    """d/dlogits of sum_i grad_loss[i] * loss[i] + grad_lse[i] * lse[i], ``loss`` as in
+    :func:`ce_index_fwd` (``grad_lse`` None: no second term; it adds grad_lse * p to every row,
+    ignored rows included).
 
     With g = grad_loss[i], p = exp(x - lse) and W = sum(w): grad = (1 - eps) g w[t] (p - onehot(t))
     + (eps / C) g (W p - w), only g w[t] (p - onehot(t)) when eps is not > 0; ignored rows get
@@ -280,6 +290,8 @@ def ce_index_bwd(
             wsum,
             lse,
             lse.stride(0),
+            lse if grad_lse is None else grad_lse,
+            0 if grad_lse is None else grad_lse.stride(0),
             grad,
             n_rows,
             n_classes,
@@ -287,6 +299,7 @@ def ce_index_bwd(
             *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
             WITH_SMOOTH=with_smooth,
+            HAS_GLSE=grad_lse is not None,
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,

@@ -115,12 +115,15 @@ def _ce_soft_bwd_kernel(
     stride_lse,
     tsum_ptr,
     stride_tsum,
+    glse_ptr,
+    stride_glse,
     gx_ptr,
     n_rows,
     C,
     keep: tl.float64,
     spread: tl.float64,
     HAS_WEIGHT: tl.constexpr,
+    HAS_GLSE: tl.constexpr,
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -136,6 +139,10 @@ def _ce_soft_bwd_kernel(
     g = upcast(tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0), IS_F64)
     hi, lo = split_lse(tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0), IS_F64)
     tsum = upcast(tl.load(tsum_ptr + rows * stride_tsum, mask=row_ok, other=0.0), IS_F64)
+    # coefficient of p: g * tsum from the loss, plus the log-sum-exp output's own gradient
+    p_coef = g * tsum
+    if HAS_GLSE:
+        p_coef += upcast(tl.load(glse_ptr + rows * stride_glse, mask=row_ok, other=0.0), IS_F64)
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
@@ -145,7 +152,11 @@ def _ce_soft_bwd_kernel(
         wq = wq * keep + spread
         if HAS_WEIGHT:
             wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
-        grad = g[:, None] * (tsum[:, None] * tl.exp((x - hi[:, None]) - lo[:, None]) - wq)
+        p = tl.exp((x - hi[:, None]) - lo[:, None])
+        if HAS_GLSE:
+            grad = p_coef[:, None] * p - g[:, None] * wq
+        else:  # as before, bit for bit
+            grad = g[:, None] * (tsum[:, None] * p - wq)
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -209,13 +220,15 @@ def ce_soft_bwd(
     weight: Optional[Tensor],
     lse: Tensor,
     tsum: Tensor,
+    grad_lse: Optional[Tensor],
     *options: Union[int, float],
 ) -> Tensor:
-    """d/dlogits of sum_i grad_loss[i] * loss[i]: g * (tsum * p - w * q), p = exp(x - lse).
+    """d/dlogits of sum_i grad_loss[i] * loss[i] + grad_lse[i] * lse[i]:
+    (g * tsum + grad_lse) * p - g * w * q, p = exp(x - lse).
 
     ``grad_loss`` is (rows,) in the accumulation dtype and may be a stride-0 expansion of a scalar;
-    ``lse`` and ``tsum`` are the forward's; ``options`` as in :func:`ce_soft_fwd`. Returns
-    contiguous (rows, C) in the logits' dtype.
+    ``grad_lse`` is (rows,) or None; ``lse`` and ``tsum`` are the forward's; ``options`` as in
+    :func:`ce_soft_fwd`. Returns contiguous (rows, C) in the logits' dtype.
     """
     o = loss_options(options)
     check_dtype(logits, "logits")
@@ -241,11 +254,14 @@ def ce_soft_bwd(
             lse.stride(0),
             tsum,
             tsum.stride(0),
+            tsum if grad_lse is None else grad_lse,
+            0 if grad_lse is None else grad_lse.stride(0),
             grad,
             n_rows,
             n_classes,
             *smoothing_factors(o.label_smoothing, n_classes),
             HAS_WEIGHT=weight is not None,
+            HAS_GLSE=grad_lse is not None,
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
