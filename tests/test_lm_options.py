@@ -185,3 +185,15 @@ def test_compiled_fullgraph_matches_eager():
     ga = torch.autograd.grad(a[0], x)[0]
     gb = torch.autograd.grad(b[0], x)[0]
     torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("kind", ["index", "soft"])
+def test_torch_backend_gives_the_same(backend, device, kind):
+    """backend="torch" (and torch.jit.trace, which uses it) builds the extras from torch's ops."""
+    x = torch.randn(3, 6, 2, dtype=torch.float64, device=device)
+    target = make_target((3, 6, 2), kind, device)
+    kw = dict(reduction="none", lse_square_scale=0.1, return_z_loss=True, return_lse=True)
+    ours = se.cross_entropy(x, target, backend=backend, **kw)
+    theirs = se.cross_entropy(x, target, backend="torch", **kw)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
