@@ -46,7 +46,14 @@ struct IndexFwdArgs {
   double nll_scale, smooth_scale;  // loss = nll_scale * nll + smooth_scale * smooth (with_smooth)
   void* loss;
   double* lse;
+  double softcap;  // > 0: the logits are cap * tanh(x / cap); 0: off
 };
+
+// Soft-capping of a transposed block in place (the lanes past k hold 0, which stays 0).
+SME_INLINE void softcap_block(float* xt, int64_t C, float cap) {
+  const vf c = splat(cap);
+  for (int64_t j = 0; j < C; ++j) storeu(xt + j * kLanes, c * vtanh(loadu(xt + j * kLanes) / c));
+}
 
 // The per-row loss from its two terms: (1 - eps) * nll + eps / C * smooth, or nll alone.
 template <typename A, typename Args>
@@ -64,6 +71,7 @@ SME_INLINE void ce_index_fwd_block(const IndexFwdArgs& a, int64_t i0, int64_t k)
   const int64_t C = a.C;
   const float* w = static_cast<const float*>(a.w);
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
+  if (a.softcap > 0) softcap_block(xt, C, static_cast<float>(a.softcap));
   vf m = splat(-kInf);
   for (int64_t c = 0; c < C; ++c) m = vmax(loadu(xt + c * kLanes), m);
   const vf shift_exp = m == -kInf ? splat(0.0f) : m, shift = finite_or_zero(m);
@@ -99,8 +107,9 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
       return;
     }
   }
-  alignas(64) A xbuf[kChunk];
+  alignas(64) A xbuf[kChunk], zbuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
+  const A cap = static_cast<A>(a.softcap);
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     const int64_t t = a.target[i * a.target_stride];
@@ -110,6 +119,10 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       const A* x = to_acc(xr + c0, n, xbuf);
+      if (cap > 0) {
+        softcap_chunk(x, n, cap, zbuf);
+        x = zbuf;
+      }
       st.add(x, n, next_chunk(xr, c0, n, a.C, a.row_stride, i + 1 == end));
       if (a.with_smooth && !ignored) wdot += wdot_shift(x, w ? w + c0 : nullptr, n, st.shift);
     }
@@ -117,7 +130,8 @@ SME_INLINE void ce_index_fwd_rows(const IndexFwdArgs& a, int64_t begin, int64_t 
     a.lse[i] = static_cast<double>(st.m) + static_cast<double>(ls);
     A nll = 0, smooth = 0;
     if (!ignored) {
-      nll = (w ? w[t] : A(1)) * ((st.m - load1(xr + t)) + ls);
+      const A zt = cap > 0 ? softcap1(load1(xr + t), cap) : load1(xr + t);
+      nll = (w ? w[t] : A(1)) * ((st.m - zt) + ls);
       if (a.with_smooth) smooth = static_cast<A>(a.W) * ((st.m - st.shift) + ls) - wdot;
     }
     static_cast<A*>(a.loss)[i] = combine(a, nll, smooth);
@@ -139,6 +153,7 @@ struct IndexBwdArgs {
   double nll_scale, smooth_scale;
   void* gx;     // contiguous (rows, C)
   bool stream;  // non-temporal stores: float32 output far larger than the caches, 16-byte rows
+  double softcap;
   // d objective / d lse per row (acc type), or nullptr: the log-sum-exp output's gradient, which
   // adds glse * p to a row's gradient, ignored rows included (their lse is a function of the row)
   const void* glse;
@@ -178,6 +193,8 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
     gv[l] = gs;
   }
   load_block(static_cast<const T*>(a.x) + i0 * a.row_stride, a.row_stride, C, k, xt);
+  const float cap = static_cast<float>(a.softcap);
+  if (cap > 0) softcap_block(xt, C, cap);  // xt holds the capped logits z from here on
   const vf vh = loadu(hv), vl = loadu(lv), va = loadu(av), vg = loadu(gv);
   for (int64_t c = 0; c < C; ++c) {
     const vf p = vexp_shifted((loadu(xt + c * kLanes) - vh) - vl);
@@ -196,6 +213,12 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
     // the true-class term, in float, rounded once as the row path does
     ot[tv[l] * kLanes + l] -= gtv[l];
   }
+  if (cap > 0) {  // through the cap: d z / d x = 1 - (z / cap)^2
+    for (int64_t c = 0; c < C; ++c) {
+      const vf q = loadu(xt + c * kLanes) / splat(cap);
+      storeu(ot + c * kLanes, loadu(ot + c * kLanes) * (1.0f - q * q));
+    }
+  }
   store_block(ot, k, C, static_cast<T*>(a.gx) + i0 * C);
 }
 
@@ -209,9 +232,10 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
       return;
     }
   }
-  alignas(64) A xbuf[kChunk], obuf[kChunk];
+  alignas(64) A xbuf[kChunk], obuf[kChunk], zbuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
   const A* ws = a.with_smooth ? w : nullptr;  // as in the block path: weights only for smoothing
+  const A cap = static_cast<A>(a.softcap);
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     T* gr = static_cast<T*>(a.gx) + i * a.C;
@@ -234,11 +258,17 @@ SME_INLINE void ce_index_bwd_rows(const IndexBwdArgs& a, int64_t begin, int64_t 
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       A* out = out_chunk(gr + c0, obuf);
-      const bool stream = std::is_same_v<T, float> && a.stream;
-      ce_index_grad(to_acc(xr + c0, n, xbuf), row_ws ? row_ws + c0 : nullptr, n, hi, lo, alpha, gs,
-                    out, stream);
+      // the soft-capped path multiplies the output in place after the fact: no streaming there
+      const bool stream = std::is_same_v<T, float> && a.stream && !(cap > 0);
+      const A* z = to_acc(xr + c0, n, xbuf);
+      if (cap > 0) {
+        softcap_chunk(z, n, cap, zbuf);
+        z = zbuf;
+      }
+      ce_index_grad(z, row_ws ? row_ws + c0 : nullptr, n, hi, lo, alpha, gs, out, stream);
       // in the accumulation type, then rounded once
       if (!ignored && t >= c0 && t < c0 + n) out[t - c0] -= gt;
+      if (cap > 0) softcap_grad_chunk(z, n, cap, out);
       from_acc(out, n, gr + c0);
     }
   }
@@ -257,14 +287,16 @@ struct SoftFwdArgs {
   void* loss;
   double* lse;
   void* tsum;
+  double softcap;
 };
 
 template <typename T>
 SME_INLINE void ce_soft_fwd_rows(const SoftFwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
-  alignas(64) A xbuf[kChunk], tbuf[kChunk];
+  alignas(64) A xbuf[kChunk], tbuf[kChunk], zbuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
   const A qa = static_cast<A>(1.0 - a.eps), qb = static_cast<A>(a.eps / a.C);
+  const A cap = static_cast<A>(a.softcap);
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     const T* tr = static_cast<const T*>(a.t) + i * a.t_row_stride;
@@ -273,6 +305,10 @@ SME_INLINE void ce_soft_fwd_rows(const SoftFwdArgs& a, int64_t begin, int64_t en
     for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - c0);
       const A* x = to_acc(xr + c0, n, xbuf);
+      if (cap > 0) {
+        softcap_chunk(x, n, cap, zbuf);
+        x = zbuf;
+      }
       st.add(x, n, next_chunk(xr, c0, n, a.C, a.row_stride, i + 1 == end));
       soft_sums(x, to_acc(tr + c0, n, tbuf), w ? w + c0 : nullptr, n, qa, qb, st.shift, tsum, tx);
     }
@@ -295,6 +331,7 @@ struct SoftBwdArgs {
   const void* tsum;
   double eps;
   void* gx;
+  double softcap;
   const void* glse;  // as IndexBwdArgs::glse
   int64_t glse_stride;
 };
@@ -302,8 +339,9 @@ struct SoftBwdArgs {
 template <typename T>
 SME_INLINE void ce_soft_bwd_rows(const SoftBwdArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
-  alignas(64) A xbuf[kChunk], tbuf[kChunk], obuf[kChunk];
+  alignas(64) A xbuf[kChunk], tbuf[kChunk], obuf[kChunk], zbuf[kChunk];
   const A* w = static_cast<const A*>(a.w);
+  const A cap = static_cast<A>(a.softcap);
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.x) + i * a.row_stride;
     const T* tr = static_cast<const T*>(a.t) + i * a.t_row_stride;
@@ -316,8 +354,13 @@ SME_INLINE void ce_soft_bwd_rows(const SoftBwdArgs& a, int64_t begin, int64_t en
     for (int64_t k0 = 0; k0 < a.C; k0 += kChunk) {
       const int64_t n = std::min(kChunk, a.C - k0);
       A* out = out_chunk(gr + k0, obuf);
-      ce_soft_grad(to_acc(xr + k0, n, xbuf), to_acc(tr + k0, n, tbuf), w ? w + k0 : nullptr, n, hi,
-                   lo, gS, c1, c0, out);
+      const A* z = to_acc(xr + k0, n, xbuf);
+      if (cap > 0) {
+        softcap_chunk(z, n, cap, zbuf);
+        z = zbuf;
+      }
+      ce_soft_grad(z, to_acc(tr + k0, n, tbuf), w ? w + k0 : nullptr, n, hi, lo, gS, c1, c0, out);
+      if (cap > 0) softcap_grad_chunk(z, n, cap, out);
       from_acc(out, n, gr + k0);
     }
   }
@@ -450,7 +493,8 @@ void ce_index_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                          nll_scale,
                          smooth_scale,
                          loss.mutable_data_ptr(),
-                         lse.mutable_data_ptr<double>()};
+                         lse.mutable_data_ptr<double>(),
+                         k.opt.softcap};
     ce_index_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
   }
   torch::jit::push(*stack, std::move(loss), std::move(lse));
@@ -485,6 +529,7 @@ void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                          smooth_scale,
                          gx.mutable_data_ptr(),
                          streams_well(gx),
+                         k.opt.softcap,
                          data_or_null(gl),
                          gl.defined() ? gl.stride(0) : 0};
     ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
@@ -520,7 +565,8 @@ void ce_soft_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                         k.opt.label_smoothing,
                         loss.mutable_data_ptr(),
                         lse.mutable_data_ptr<double>(),
-                        tsum.mutable_data_ptr()};
+                        tsum.mutable_data_ptr(),
+                        k.opt.softcap};
     ce_soft_fwd_rows_run(logits.scalar_type(), a, rows, grain_for(C));
   }
   torch::jit::push(*stack, std::move(loss), std::move(lse), std::move(tsum));
@@ -540,20 +586,12 @@ void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const at::Tensor gl = optional_per_row(k.optional(6), logits, "grad_lse");
   at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() > 0) {
-    const SoftBwdArgs a{g.const_data_ptr(),
-                        g.stride(0),
-                        logits.const_data_ptr(),
-                        logits.stride(0),
-                        logits.size(1),
-                        t.const_data_ptr(),
-                        t.stride(0),
-                        data_or_null(w),
-                        l.const_data_ptr<double>(),
-                        ts.const_data_ptr(),
-                        k.opt.label_smoothing,
-                        gx.mutable_data_ptr(),
-                        data_or_null(gl),
-                        gl.defined() ? gl.stride(0) : 0};
+    const SoftBwdArgs a{
+        g.const_data_ptr(),  g.stride(0),           logits.const_data_ptr(),
+        logits.stride(0),    logits.size(1),        t.const_data_ptr(),
+        t.stride(0),         data_or_null(w),       l.const_data_ptr<double>(),
+        ts.const_data_ptr(), k.opt.label_smoothing, gx.mutable_data_ptr(),
+        k.opt.softcap,       data_or_null(gl),      gl.defined() ? gl.stride(0) : 0};
     ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   }
   torch::jit::push(*stack, std::move(gx));

@@ -211,6 +211,12 @@ variable_list differentiable_grads(const variable_list& grads, std::vector<at::T
   return out;
 }
 
+// The logits as the kernels see them: soft-capped, cap * tanh(x / cap), when cap > 0 (for the
+// differentiable backward, which differentiates this with torch's ops).
+at::Tensor capped(const at::Tensor& x, double cap) {
+  return cap > 0 ? x.div(cap).tanh().mul(cap) : x;
+}
+
 // The incoming gradients of (loss, lse) as the kernels take them: d loss in the accumulation
 // dtype (zeros when only the log-sum-exp got a gradient) and d lse (undefined when it got none).
 std::pair<at::Tensor, at::Tensor> loss_and_lse_grads(const variable_list& grads,
@@ -279,10 +285,10 @@ struct CrossEntropyIndexBackward : CrossEntropyNode {
     if (differentiable_backward(grad, {x}) ||
         (grad_lse.defined() && differentiable_backward(grad_lse, {x}))) {
       variable_list r = differentiable_grads(grads, {x}, {true}, [&](const auto& in) {
-        const at::Tensor xa = in[0].to(grad.scalar_type());
+        const at::Tensor xa = capped(in[0].to(grad.scalar_type()), opt_.softcap);
         return variable_list{at::cross_entropy_loss(xa, t, maybe(w), opt_.reduction,
                                                     opt_.ignore_index, opt_.label_smoothing),
-                             at::logsumexp(in[0].to(at::kDouble), {1})};
+                             at::logsumexp(capped(in[0].to(at::kDouble), opt_.softcap), {1})};
       });
       if (!r.empty()) return r;
     }
@@ -351,9 +357,10 @@ struct CrossEntropySoftBackward : CrossEntropyNode {
         (grad_lse.defined() && differentiable_backward(grad_lse, {x, t, w}))) {
       variable_list r = differentiable_grads(grads, {x, t, w}, wanted, [&](const auto& in) {
         return variable_list{
-            at::cross_entropy_loss(in[0].to(grad.scalar_type()), in[1].to(grad.scalar_type()),
-                                   maybe(in[2]), opt_.reduction, -100, opt_.label_smoothing),
-            at::logsumexp(in[0].to(at::kDouble), {1})};
+            at::cross_entropy_loss(capped(in[0].to(grad.scalar_type()), opt_.softcap),
+                                   in[1].to(grad.scalar_type()), maybe(in[2]), opt_.reduction, -100,
+                                   opt_.label_smoothing),
+            at::logsumexp(capped(in[0].to(at::kDouble), opt_.softcap), {1})};
       });
       if (!r.empty()) return r;
     }
@@ -370,7 +377,7 @@ struct CrossEntropySoftBackward : CrossEntropyNode {
       //   d loss / d target[c] = (1 - eps) * w[c] * (lse - x[c]) * g
       //   d loss / d w[c] = sum over rows of q[c] * (lse - x[c]) * g, q the smoothed target
       const double eps = opt_.label_smoothing;
-      at::Tensor neg_logp = lse.unsqueeze(1) - x.to(lse.scalar_type());
+      at::Tensor neg_logp = lse.unsqueeze(1) - capped(x.to(lse.scalar_type()), opt_.softcap);
       const at::Tensor gcol = g.unsqueeze(1);
       if (wanted[2]) {
         const at::Tensor q = t.to(lse.scalar_type()) * (1.0 - eps) + eps / class_count(x);

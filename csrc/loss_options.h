@@ -21,6 +21,8 @@ struct LossOptions {
   // The z-loss weight: added in Python from the log-sum-exp output; nonzero keeps the nodes' loss
   // in the accumulation dtype. Kernels ignore it.
   double lse_square_scale = 0.0;
+  // Logit soft-capping: > 0 means the logits are cap * tanh(x / cap) inside the kernels; 0 is off.
+  double softcap = 0.0;
 
   // Arguments [first, last) of an operator call, named by its schema.
   static LossOptions read(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args,
@@ -42,6 +44,8 @@ struct LossOptions {
       reduction = v.toInt();
     else if (name == "lse_square_scale")
       lse_square_scale = v.toDouble();
+    else if (name == "softcap")
+      softcap = v.toDouble();
     else
       TORCH_CHECK(false, "softmax_ext: unknown loss option '", name,
                   "': softmax_ext/ops.py and csrc/loss_options.h disagree");

@@ -29,6 +29,32 @@ SME_INLINE A safe_shift(A m) {
 
 // ---- float: SIMD -------------------------------------------------------------------------------
 
+// Logit soft-capping, z = cap * tanh(x / cap) (cap > 0), into out (which may be x).
+SME_INLINE void softcap_chunk(const float* x, int64_t n, float cap, float* out) {
+  const vf c = splat(cap);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) storeu(out + i, c * vtanh(loadu(x + i) / c));
+  if (i < n) store_part(out + i, c * vtanh(load_part(x + i, n - i, 0.0f) / c), n - i);
+}
+
+SME_INLINE float softcap1(float x, float cap) {
+  return (splat(cap) * vtanh(splat(x) / splat(cap)))[0];
+}
+
+// d z / d x = 1 - (z / cap)^2, applied to g, a gradient with respect to the capped logits z.
+SME_INLINE void softcap_grad_chunk(const float* z, int64_t n, float cap, float* g) {
+  const vf c = splat(cap);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf q = loadu(z + i) / c;
+    storeu(g + i, loadu(g + i) * (1.0f - q * q));
+  }
+  for (; i < n; ++i) {
+    const float q = z[i] / cap;
+    g[i] *= 1.0f - q * q;
+  }
+}
+
 // Where a walk over rows [.., end) in chunks reads after the chunk [c0, c0 + n) of row i: the next
 // chunk of the row, the start of the next row, or nothing.
 template <typename T>
@@ -210,6 +236,19 @@ SME_INLINE void softmax_bwd_write(const float* g, const float* y, int64_t n, flo
 }
 
 // ---- double: the exact reference path ----------------------------------------------------------
+
+SME_INLINE void softcap_chunk(const double* x, int64_t n, double cap, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = cap * std::tanh(x[i] / cap);
+}
+
+SME_INLINE double softcap1(double x, double cap) { return cap * std::tanh(x / cap); }
+
+SME_INLINE void softcap_grad_chunk(const double* z, int64_t n, double cap, double* g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double q = z[i] / cap;
+    g[i] *= 1.0 - q * q;
+  }
+}
 
 SME_INLINE double max_of(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();

@@ -126,6 +126,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
     return_z_loss: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
@@ -150,6 +151,10 @@ def cross_entropy(
             log-sum-exp, 0 for ignored rows, added to the loss and reduced with it ("mean"
             averages it over the non-ignored rows, without class weights, as Liger-Kernel and
             flash-attn do).
+        softcap: logit soft-capping (Gemma 2): the logits pass through ``softcap * tanh(x /
+            softcap)`` inside the kernels (never materialised) before everything else, the
+            log-sum-exp and the z-loss included; the gradient goes through the tanh exactly.
+            ``None`` (the default) is off; otherwise a finite number > 0.
         return_z_loss: also return the z-loss term, reduced like the loss (included in the loss).
         return_lse: also return each row's log-sum-exp (the unreduced loss's shape; float32 for
             float16/bfloat16/float32 logits, float64 for float64), differentiable.
@@ -167,7 +172,11 @@ def cross_entropy(
     extras = bool(lse_square_scale) or return_z_loss or return_lse
     if extras:
         _check_lse_square_scale(lse_square_scale)
+    if softcap is not None:
+        _check_softcap(softcap)
     if _torch_serves(backend):
+        if softcap is not None:
+            input = input.div(softcap).tanh().mul(softcap)
         loss = F.cross_entropy(
             input, target, weight, None, ignore_index, None, reduction, label_smoothing
         )
@@ -260,7 +269,7 @@ def cross_entropy(
             loss = F.cross_entropy(input, target, weight, reduction=reduction)
             if not extras:
                 return loss
-            lse = input.to(acc_dtype(input.dtype)).logsumexp(1)
+            lse = input.to(acc_dtype(input.dtype)).logsumexp(1)  # no classes: nothing to cap
             return _with_lse_terms(
                 loss,
                 lse,
@@ -281,6 +290,7 @@ def cross_entropy(
         label_smoothing=float(label_smoothing),
         reduction=reduction_enum,
         lse_square_scale=float(lse_square_scale),
+        softcap=0.0 if softcap is None else float(softcap),
     )
     if soft:
         loss, lse = _ce_soft_op(logits, _rows_view(target), w, *options, code)
@@ -307,6 +317,18 @@ def cross_entropy(
                 input.dtype,
             )
     return loss  # in the logits' dtype already (the operator rounds it once)
+
+
+def _check_softcap(softcap: float) -> None:
+    if not (
+        isinstance(softcap, (int, float))
+        and not isinstance(softcap, bool)
+        and 0.0 < softcap < float("inf")
+    ):
+        raise ValueError(
+            f"softcap must be None or a finite number > 0 (logits become softcap * tanh(x / "
+            f"softcap)), got {softcap!r}"
+        )
 
 
 def _check_lse_square_scale(scale: float) -> None:

@@ -19,7 +19,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     Args are PyTorch's, in its order (``weight``, ``size_average``, ``ignore_index``, ``reduce``,
     ``reduction``, ``label_smoothing``; the deprecated two as torch handles them), plus the
-    keyword-only ``lse_square_scale``, ``return_z_loss``, ``return_lse`` (see
+    keyword-only ``lse_square_scale``, ``softcap``, ``return_z_loss``, ``return_lse`` (see
     :func:`softmax_ext.cross_entropy`; named as in Liger-Kernel and flash-attn) and ``backend``
     ("auto", "cpp", "triton" or "torch").
     """
@@ -34,6 +34,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         lse_square_scale: float = 0.0,
+        softcap: Optional[float] = None,
         return_z_loss: bool = False,
         return_lse: bool = False,
         backend: str = "auto",
@@ -48,7 +49,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         )
         SF._check_backend(backend)
         SF._check_lse_square_scale(lse_square_scale)
+        if softcap is not None:
+            SF._check_softcap(softcap)
         self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
         self.return_z_loss = return_z_loss
         self.return_lse = return_lse
         self.backend = backend
@@ -56,9 +60,14 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """TorchScript cannot compile softmax_ext's Python layer: torch.jit.script gets torch's own
         module with the same configuration (and the same ``weight`` buffer) instead."""
-        if self.lse_square_scale or self.return_z_loss or self.return_lse:
+        if (
+            self.lse_square_scale
+            or self.softcap is not None
+            or self.return_z_loss
+            or self.return_lse
+        ):
             raise RuntimeError(
-                "torch.jit.script: torch.nn.CrossEntropyLoss has no lse_square_scale, "
+                "torch.jit.script: torch.nn.CrossEntropyLoss has no lse_square_scale, softcap, "
                 "return_z_loss or return_lse, so this configuration cannot be scripted"
             )
         return torch.nn.CrossEntropyLoss(
@@ -77,6 +86,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             lse_square_scale=self.lse_square_scale,
+            softcap=self.softcap,
             return_z_loss=self.return_z_loss,
             return_lse=self.return_lse,
             backend=self.backend,

@@ -52,6 +52,8 @@ class LossOptions(NamedTuple):
     # log-sum-exp output, so a nonzero value only keeps the loss in the accumulation dtype (one
     # rounding after the addition instead of two)
     lse_square_scale: float = 0.0
+    # logit soft-capping: > 0 makes the kernels use cap * tanh(x / cap) for each logit x; 0 is off
+    softcap: float = 0.0
 
 
 _SCHEMA_TYPES = {int: "int", float: "float", bool: "bool"}

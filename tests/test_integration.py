@@ -18,37 +18,37 @@ def _opcheck_cases():
     x = torch.randn(6, 11)
     t = torch.tensor([0, 3, -100, 10, 2, 2])
     w = torch.rand(11)
-    loss, lse = OPS.ce_index_fwd(x, t, w, -100, 0.1, 1, 0.0)
+    loss, lse = OPS.ce_index_fwd(x, t, w, -100, 0.1, 1, 0.0, 0.0)
     g = torch.randn(6)
     p = torch.rand(6, 11).softmax(1)
-    loss, lse_s, tsum = OPS.ce_soft_fwd(x, p, w, -100, 0.1, 1, 0.0)
+    loss, lse_s, tsum = OPS.ce_soft_fwd(x, p, w, -100, 0.1, 1, 0.0, 0.0)
     y = OPS.softmax_fwd(x, 1, False)
     # the option block: ignore_index, label_smoothing, reduction (0 none, 1 mean, 2 sum)
     return [
         (OPS.softmax_fwd, (torch.randn(3, 5, 4), 1, False)),
         (OPS.softmax_fwd, (torch.randn(3, 5, 4), 2, True)),
         (OPS.softmax_bwd, (torch.randn(6, 11), y, 1, False)),
-        (OPS.ce_index_fwd, (x, t, w, -100, 0.1, 1, 0.0)),
-        (OPS.ce_index_fwd, (x, t, None, -100, 0.0, 1, 0.0)),
-        (OPS.ce_index_bwd, (g, x, t, w, lse, None, -100, 0.1, 1, 0.0)),
-        (OPS.ce_soft_fwd, (x, p, None, -100, 0.0, 1, 0.0)),
-        (OPS.ce_soft_bwd, (g, x, p, w, lse_s, tsum, None, -100, 0.1, 1, 0.0)),
+        (OPS.ce_index_fwd, (x, t, w, -100, 0.1, 1, 0.0, 0.0)),
+        (OPS.ce_index_fwd, (x, t, None, -100, 0.0, 1, 0.0, 0.0)),
+        (OPS.ce_index_bwd, (g, x, t, w, lse, None, -100, 0.1, 1, 0.0, 1.5)),
+        (OPS.ce_soft_fwd, (x, p, None, -100, 0.0, 1, 0.0, 0.0)),
+        (OPS.ce_soft_bwd, (g, x, p, w, lse_s, tsum, None, -100, 0.1, 1, 0.0, 0.0)),
         # the reduced losses and softmax with their C++ autograd nodes (inputs that need a
         # gradient make opcheck test the autograd registration too): mean with weights, none, sum
         # with smoothing; soft targets with gradients for the target and the weights too
-        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.0, 1, 0.0, 0)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.0, 1, 0.0, 0.0, 0)),
         (
             OPS.cross_entropy_index,
-            (x.clone().requires_grad_(), t.clamp(min=0), None, 2, 0.0, 0, 0.0, 0),
+            (x.clone().requires_grad_(), t.clamp(min=0), None, 2, 0.0, 0, 0.0, 0.0, 0),
         ),
-        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.2, 2, 0.5, 0)),
+        (OPS.cross_entropy_index, (x.clone().requires_grad_(), t, w, -100, 0.2, 2, 0.5, 2.0, 0)),
         (
             OPS.cross_entropy_soft,
-            (x.clone().requires_grad_(), p.clone().requires_grad_(), w, -100, 0.1, 1, 0.0, 0),
+            (x.clone().requires_grad_(), p.clone().requires_grad_(), w, -100, 0.1, 1, 0.0, 0.0, 0),
         ),
         (
             OPS.cross_entropy_soft,
-            (x.clone().requires_grad_(), p, w.clone().requires_grad_(), -100, 0.0, 0, 0.3, 0),
+            (x.clone().requires_grad_(), p, w.clone().requires_grad_(), -100, 0.0, 0, 0.3, 3.0, 0),
         ),
         (OPS.softmax, (torch.randn(3, 5, 4, requires_grad=True), 1, False, 0)),
         (OPS.softmax, (torch.randn(3, 5, 4, requires_grad=True), 2, True, 0)),

@@ -197,3 +197,122 @@ def test_torch_backend_gives_the_same(backend, device, kind):
     theirs = se.cross_entropy(x, target, backend="torch", **kw)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ---- logit soft-capping (C++ backend so far) -----------------------------------------------------
+
+CAP = 2.5
+
+
+def capped(x, cap=CAP):
+    return cap * torch.tanh(x / cap)
+
+
+def _cpp_only(backend):
+    if backend == "triton":
+        pytest.skip("softcap is in the C++ kernels only so far (the Triton ones raise)")
+
+
+@pytest.mark.parametrize(
+    "layout,kind,reduction,eps,weighted",
+    list(
+        itertools.product(LAYOUTS, ["index", "soft"], ["mean", "sum", "none"], [0.0, 0.1], [0, 1])
+    ),
+)
+def test_softcap_matches_float64_reference(backend, device, layout, kind, reduction, eps, weighted):
+    _cpp_only(backend)
+    shape = LAYOUTS[layout]
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    x = torch.randn(shape, dtype=torch.float64, device=device) * 4
+    target = make_target(shape, kind, device)
+    weight = torch.rand(n_classes, dtype=torch.float64, device=device) + 0.5 if weighted else None
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    ours = se.cross_entropy(
+        xa,
+        target,
+        weight,
+        **kw,
+        softcap=CAP,
+        lse_square_scale=SCALE,
+        return_lse=True,
+        backend=backend,
+    )
+    theirs = reference(capped(xb), target, weight, reduction=reduction, eps=eps, scale=SCALE)
+    theirs = (theirs[0], theirs[2])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grads_of(ours, xa), grads_of(theirs, xb))
+
+
+@pytest.mark.parametrize("n_classes", [10, 50])  # the 16-row block path and the row path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_softcap_low_precision_no_worse_than_torch_ops(backend, device, dtype, n_classes):
+    _cpp_only(backend)
+    x64 = torch.randn(64, n_classes, dtype=torch.float64, device=device) * 8
+    x64[0, :3] = torch.tensor([1e4, -1e4, -float("inf")], dtype=torch.float64)
+    t = torch.randint(0, n_classes, (64,), device=device)
+    t[::7] = -100
+    gen = torch.Generator().manual_seed(3)
+    up = torch.randn(64, generator=gen, dtype=torch.float64)
+
+    def run(x, fn):
+        x = x.clone().requires_grad_()
+        loss, lse = fn(x)
+        (g,) = torch.autograd.grad(loss + (lse * up.to(lse.dtype)).sum(), x)
+        return loss.double(), lse.double(), g.double()
+
+    def ours_fn(x):
+        return se.cross_entropy(x, t, softcap=CAP, return_lse=True, backend=backend)
+
+    def torch_fn(x):
+        z = capped(x)
+        return F.cross_entropy(z, t), z.float().logsumexp(
+            1
+        ) if x.dtype != torch.float64 else z.logsumexp(1)
+
+    exact = run(x64, torch_fn)
+    ours, theirs = run(x64.to(dtype), ours_fn), run(x64.to(dtype), torch_fn)
+    for a, b, e in zip(ours, theirs, exact, strict=True):
+        assert torch.isfinite(a).all()
+        err_ours = (a - e).abs().max().item()
+        err_torch = (b - e).abs().max().item()
+        assert err_ours <= 1.5 * err_torch + 1e-6, (err_ours, err_torch)
+
+
+@pytest.mark.parametrize("kind", ["index", "soft"])
+def test_softcap_gradcheck_and_gradgradcheck(backend, device, kind):
+    _cpp_only(backend)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True) * 3
+    target = make_target((5, 4), kind, device)
+
+    def fn(x):
+        return se.cross_entropy(
+            x,
+            target,
+            label_smoothing=0.1,
+            softcap=1.5,
+            lse_square_scale=0.2,
+            return_lse=True,
+            backend=backend,
+        )
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "30"])
+def test_bad_softcap_raises(backend, bad):
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="softcap"):
+        se.cross_entropy(x, t, softcap=bad, backend=backend)
+    with pytest.raises(ValueError, match="softcap"):
+        se.CrossEntropyLoss(softcap=bad, backend=backend)
+
+
+def test_softcap_on_triton_says_where_it_runs(backend, device):
+    if backend != "triton":
+        pytest.skip("the Triton kernels' refusal")
+    x, t = torch.randn(3, 4, device=device), torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        se.cross_entropy(x, t, softcap=30.0, backend=backend)

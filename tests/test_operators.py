@@ -45,12 +45,12 @@ def test_fake_kernels_match_the_cpu_kernels():
     p = torch.rand(5, 7).softmax(1)
     cases = {
         "softmax": (x, 1, True, 0),
-        "cross_entropy_index": (x, t, w, -100, 0.1, 0, 0.0, 0),
-        "cross_entropy_index_z": (x.half(), t, w, -100, 0.1, 1, 0.5, 0),
-        "cross_entropy_soft": (x, p, None, -100, 0.0, 1, 0.0, 0),
+        "cross_entropy_index": (x, t, w, -100, 0.1, 0, 0.0, 0.0, 0),
+        "cross_entropy_index_z": (x.half(), t, w, -100, 0.1, 1, 0.5, 0.0, 0),
+        "cross_entropy_soft": (x, p, None, -100, 0.0, 1, 0.0, 0.0, 0),
         "softmax_fwd": (x, 0, False),
-        "ce_index_fwd": (x, t, w, -100, 0.1, 1, 0.0),
-        "ce_soft_fwd": (x, p, w, -100, 0.1, 1, 0.0),
+        "ce_index_fwd": (x, t, w, -100, 0.1, 1, 0.0, 0.0),
+        "ce_soft_fwd": (x, p, w, -100, 0.1, 1, 0.0, 0.0),
     }
     for name, args in cases.items():
         op = getattr(torch.ops.softmax_ext, name.removesuffix("_z")).default

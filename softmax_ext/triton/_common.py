@@ -143,7 +143,13 @@ def loss_options(options: Tuple[Union[int, float], ...]) -> LossOptions:
             f"softmax_ext (triton): expected the {len(LossOptions._fields)} loss options "
             f"{LossOptions._fields}, got {len(options)}: {options!r}"
         )
-    return LossOptions(*options)
+    o = LossOptions(*options)
+    if o.softcap:
+        raise NotImplementedError(
+            "softmax_ext (triton): softcap is not implemented in the Triton kernels yet; the C++ "
+            "backend has it (CPU tensors)"
+        )
+    return o
 
 
 def smoothing_factors(label_smoothing: float, n_classes: int) -> Tuple[float, float]:
