@@ -51,8 +51,8 @@ struct IndexFwdArgs {
 
 // Soft-capping of a transposed block in place (the lanes past k hold 0, which stays 0).
 SME_INLINE void softcap_block(float* xt, int64_t C, float cap) {
-  const vf c = splat(cap);
-  for (int64_t j = 0; j < C; ++j) storeu(xt + j * kLanes, c * vtanh(loadu(xt + j * kLanes) / c));
+  const vf c = splat(cap), inv = splat(1.0f / cap);  // as softcap_chunk
+  for (int64_t j = 0; j < C; ++j) storeu(xt + j * kLanes, c * vtanh(loadu(xt + j * kLanes) * inv));
 }
 
 // The per-row loss from its two terms: (1 - eps) * nll + eps / C * smooth, or nll alone.
@@ -215,7 +215,7 @@ SME_INLINE void ce_index_bwd_block(const IndexBwdArgs& a, int64_t i0, int64_t k)
   }
   if (cap > 0) {  // through the cap: d z / d x = 1 - (z / cap)^2
     for (int64_t c = 0; c < C; ++c) {
-      const vf q = loadu(xt + c * kLanes) / splat(cap);
+      const vf q = loadu(xt + c * kLanes) * splat(1.0f / cap);
       storeu(ot + c * kLanes, loadu(ot + c * kLanes) * (1.0f - q * q));
     }
   }
