@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "autograd_node.h"
+#include "dispatch.h"
 #include "loss_options.h"
 
 namespace sme {
@@ -67,8 +68,7 @@ int64_t class_count(const at::Tensor& logits) {
 at::Tensor index_mean_denominator(const Call& c) {
   const at::Tensor valid = c.target.ne(c.opt.ignore_index);
   // counted in the loss's dtype, as torch's total_weight: the division needs no type promotion
-  if (!c.weight.defined())
-    return valid.sum(c.logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  if (!c.weight.defined()) return valid.sum(acc_type(c.logits.scalar_type()));
   return c.weight.gather(0, c.target.clamp(0, class_count(c.logits) - 1)).mul_(valid).sum();
 }
 
@@ -91,8 +91,7 @@ at::Tensor reduce(const at::Tensor& rows, int64_t reduction, const at::Tensor& d
 // dtype; rounding here spares a float16/bfloat16 loss a second operator and autograd node), or the
 // accumulation dtype while a z-loss is still to be added to it (then rounded once, in Python).
 at::ScalarType loss_dtype(const at::Tensor& logits, const LossOptions& opt) {
-  if (opt.lse_square_scale == 0.0) return logits.scalar_type();
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return opt.lse_square_scale == 0.0 ? logits.scalar_type() : acc_type(logits.scalar_type());
 }
 
 at::Tensor in_loss_dtype(const at::Tensor& loss, const at::Tensor& logits, const LossOptions& opt) {
@@ -102,7 +101,7 @@ at::Tensor in_loss_dtype(const at::Tensor& loss, const at::Tensor& logits, const
 
 // The incoming gradient in the accumulation dtype, as the backward kernels read it.
 at::Tensor in_acc_dtype(const at::Tensor& grad, const at::Tensor& logits) {
-  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type(logits.scalar_type());
   return grad.scalar_type() == acc ? grad : grad.to(acc);
 }
 
@@ -224,7 +223,7 @@ std::pair<at::Tensor, at::Tensor> loss_and_lse_grads(const variable_list& grads,
                                                      int64_t reduction) {
   at::Tensor gl = grads[1].defined() ? in_acc_dtype(grads[1], x) : at::Tensor();
   if (grads[0].defined()) return {in_acc_dtype(grads[0], x), gl};
-  const auto opts = lse.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto opts = lse.options().dtype(acc_type(x.scalar_type()));
   return {reduction == at::Reduction::None ? at::zeros_symint(lse.sym_sizes(), opts)
                                            : at::zeros({}, opts),
           gl};

@@ -174,19 +174,13 @@ def cross_entropy(
         _check_lse_square_scale(lse_square_scale)
     if softcap is not None:
         _check_softcap(softcap)
-    if _torch_serves(backend):
-        if softcap is not None:
-            input = input.div(softcap).tanh().mul(softcap)
-        loss = F.cross_entropy(
-            input, target, weight, None, ignore_index, None, reduction, label_smoothing
-        )
-        if not extras:
-            return loss
-        lse = input.to(acc_dtype(input.dtype)).logsumexp(1 if input.dim() > 1 else 0)
+
+    def with_extras(loss: Tensor, lse: Tensor, index_target: Optional[Tensor]):
+        # reduction and input as they are when called (normalised, promoted)
         return _with_lse_terms(
             loss,
             lse,
-            target,
+            index_target,
             ignore_index,
             reduction,
             lse_square_scale,
@@ -194,6 +188,14 @@ def cross_entropy(
             return_lse,
             input.dtype,
         )
+
+    if _torch_serves(backend):
+        if softcap is not None:
+            input = input.div(softcap).tanh().mul(softcap)
+        loss = F.cross_entropy(
+            input, target, weight, None, ignore_index, None, reduction, label_smoothing
+        )
+        return with_extras(loss, _torch_lse(input), target) if extras else loss
     # ValueError for an unknown reduction; 'elementwise_mean' warns and means 'mean', as in torch
     reduction_enum = _Reduction.get_enum(reduction)
     reduction = _REDUCTIONS[reduction_enum]
@@ -267,20 +269,8 @@ def cross_entropy(
         input, target = input.to(dtype), target.to(dtype)
         if n_classes == 0:  # nothing for a kernel to do: torch's -0 per row, NaN mean
             loss = F.cross_entropy(input, target, weight, reduction=reduction)
-            if not extras:
-                return loss
-            lse = input.to(acc_dtype(input.dtype)).logsumexp(1)  # no classes: nothing to cap
-            return _with_lse_terms(
-                loss,
-                lse,
-                None,
-                ignore_index,
-                reduction,
-                lse_square_scale,
-                return_z_loss,
-                return_lse,
-                input.dtype,
-            )
+            # no classes: nothing to cap
+            return with_extras(loss, _torch_lse(input), None) if extras else loss
     code = backend_code(backend, input.device)
     logits = _rows_view(input)
     # the kernels index the class weights as a contiguous vector
@@ -305,18 +295,14 @@ def cross_entropy(
             loss = loss.reshape(row_shape)
         if extras:
             lse = lse.reshape(row_shape).to(acc_dtype(input.dtype))
-            return _with_lse_terms(
-                loss,
-                lse,
-                None if soft else target,
-                ignore_index,
-                reduction,
-                lse_square_scale,
-                return_z_loss,
-                return_lse,
-                input.dtype,
-            )
+            return with_extras(loss, lse, None if soft else target)
     return loss  # in the logits' dtype already (the operator rounds it once)
+
+
+def _torch_lse(input: Tensor) -> Tensor:
+    """Each row's log-sum-exp from torch's ops, in the accumulation dtype (the class dim is 1, or 0
+    for a (C,) input): the extras of the paths that do not run the operators."""
+    return input.to(acc_dtype(input.dtype)).logsumexp(1 if input.dim() > 1 else 0)
 
 
 def _check_softcap(softcap: float) -> None:
