@@ -23,6 +23,7 @@ from .config import (
     DTYPE_ALIASES,
     DTYPES,
     IMPLS,
+    LM_IMPL,
     MODES,
     OPS,
     SHAPE_SETS,
@@ -30,6 +31,7 @@ from .config import (
     Config,
     default_shapes,
     parse_choices,
+    parse_impls,
     parse_shapes,
 )
 from .device import REPO, pick_device, slug
@@ -69,7 +71,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument(
         "--directions", default="all", help=f"comma-separated from {', '.join(DIRECTIONS)}"
     )
-    ap.add_argument("--impls", default="all", help=f"comma-separated from {', '.join(IMPLS)}")
+    ap.add_argument(
+        "--impls",
+        default="all",
+        help=f"comma-separated from {', '.join(IMPLS)} (all: these) and {LM_IMPL} (softmax_ext's "
+        "cross_entropy with softcap=30, lse_square_scale=1e-4)",
+    )
     ap.add_argument(
         "--shapes",
         default=None,
@@ -206,7 +213,7 @@ def build_config(args: argparse.Namespace) -> Config:
         device=device,
         ops=parse_choices(args.ops, OPS, "op"),
         directions=parse_choices(args.directions, DIRECTIONS, "direction"),
-        impls=parse_choices(args.impls, IMPLS, "implementation"),
+        impls=parse_impls(args.impls),
         shapes=parse_shapes(args.shapes)
         if args.shapes
         else ((CORE_LARGE, CORE_SMALL) if core else default_shapes(device, quick)),

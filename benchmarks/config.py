@@ -21,6 +21,10 @@ import torch
 OPS = ("softmax", "log_softmax", "cross_entropy")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("softmax_ext", "torch", "torch.compile", "liger")
+#: softmax_ext's cross-entropy with the language-model options of issue 13 (LM_OPTIONS): the core
+#: suite times it beside the plain loss at CORE_LARGE; the sweep does not ("--impls" may name it).
+LM_IMPL = "softmax_ext.lm"
+LM_OPTIONS = {"softcap": 30.0, "lse_square_scale": 1e-4}
 MODES = ("loop", "single")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {
@@ -167,6 +171,13 @@ def parse_choices(
         if name not in out:
             out.append(name)
     return out
+
+
+def parse_impls(spec: str) -> list:
+    """``--impls``: names from IMPLS or LM_IMPL; 'all' is IMPLS (the sweep's peers)."""
+    if spec.strip() == "all":
+        return list(IMPLS)
+    return parse_choices(spec, (*IMPLS, LM_IMPL), "implementation")
 
 
 def default_shapes(device: torch.device, quick: bool) -> tuple:

@@ -8,6 +8,9 @@ a run's records.
 * N=256, C=10 (a Fashion-MNIST batch), fp32 fwd+bwd, in loop mode and in single mode each:
   softmax_ext time / torch eager time <= 0.8 for cross_entropy, <= 1.0 for softmax and
   log_softmax;
+* N=8192, C=32000, fp32 cross-entropy fwd+bwd with softcap=30 and lse_square_scale=1e-4
+  (config.LM_OPTIONS, implementation "softmax_ext.lm", timed interleaved with the plain loss in
+  the same run): at most 1.15x the plain loss's time (issue 13);
 * no slower than torch eager anywhere: the worst softmax_ext / torch eager time over every case
   of the run (op x direction x dtype x shape x mode) <= 1.0; every case above 1.0 is listed.
 
@@ -22,12 +25,14 @@ from typing import Dict, List, Optional
 import torch
 
 from .bandwidth import floor_ms, min_bytes
-from .config import CORE_LARGE, CORE_SMALL, MODES, Config
+from .config import CORE_LARGE, CORE_SMALL, LM_IMPL, LM_OPTIONS, MODES, Config
 from .runner import Sweep, mode_of
 
 MAX_SAVED_BYTES_PER_ROW = 64
 # softmax_ext time / torch eager time at CORE_SMALL, fp32 fwd+bwd, in each mode (issue 12).
 SMALL_GOALS: Dict[str, float] = {"cross_entropy": 0.8, "softmax": 1.0, "log_softmax": 1.0}
+# softmax_ext.lm time / softmax_ext time at CORE_LARGE, fp32 fwd+bwd (issue 13).
+LM_GOAL = 1.15
 # The worst softmax_ext / torch eager ratio over every case of a run.
 NO_SLOWER_GOAL = 1.0
 CASE_FIELDS = ("op", "direction", "dtype", "rows", "classes", "mode")
@@ -201,6 +206,24 @@ def _large_items(
     return items
 
 
+def _lm_item(records: List[dict], ext: dict) -> dict:
+    """The cost of the language-model options at CORE_LARGE: softmax_ext.lm / softmax_ext."""
+    n, c = CORE_LARGE
+    opts = ", ".join(f"{k}={v:g}" for k, v in LM_OPTIONS.items())
+    name = f"cross_entropy with {opts}: time / plain at N={n}, C={c}"
+    lm = _rec(records, LM_IMPL, CORE_LARGE)
+    if lm is None:
+        return _missing(name, LM_GOAL, "<=", "large_lm_options", f"record of {LM_IMPL}")
+    return _target(
+        name,
+        lm["median_ms"] / ext["median_ms"],
+        LM_GOAL,
+        "<=",
+        f"{lm['median_ms']:.2f} ms vs {ext['median_ms']:.2f} ms",
+        "large_lm_options",
+    )
+
+
 def _small_items(records: List[dict]) -> List[dict]:
     """The goals at CORE_SMALL: softmax_ext / torch eager, fp32 fwd+bwd, per op and mode."""
     n, c = CORE_SMALL
@@ -264,6 +287,8 @@ def evaluate(
     ext_large = _rec(records, "softmax_ext", CORE_LARGE)
     if ext_large is not None:
         items += _large_items(records, ext_large, copy_gbps, clone_gbps)
+        if any(r["impl"] == LM_IMPL for r in records):  # runs that timed it (the core suite)
+            items.append(_lm_item(records, ext_large))
     if any(
         _rec(records, "softmax_ext", CORE_SMALL, op, mode) is not None
         for op in SMALL_GOALS
@@ -361,7 +386,11 @@ def core_config(cfg: Config) -> Config:
     plan = [(*CORE_LARGE, "float32", "cross_entropy")] if CORE_LARGE in shapes else []
     if CORE_SMALL in shapes:
         plan += [(*CORE_SMALL, "float32", op) for op in SMALL_GOALS]
+    impls = tuple(cfg.impls)
+    if CORE_LARGE in shapes and "softmax_ext" in impls and LM_IMPL not in impls:
+        impls += (LM_IMPL,)
     return cfg.with_(
+        impls=impls,
         ops=tuple(SMALL_GOALS),
         directions=("fwd+bwd",),
         dtypes=("float32",),

@@ -4,6 +4,8 @@
 * torch: PyTorch eager (torch.nn.functional);
 * torch.compile: the same eager functions through torch.compile (inductor), compiled once per
   shape and dtype: the runner calls :func:`fresh_compile_cache` before each new shape/dtype;
+* softmax_ext.lm: softmax_ext's cross-entropy with the language-model options of
+  ``config.LM_OPTIONS`` (logit soft-capping and the z-loss), to set against the plain loss;
 * liger: Liger-Kernel's Triton cross-entropy, on CUDA only and where it is importable. It writes
   the gradient into its input during the forward pass, so it gets a private copy of the logits.
 """
@@ -54,6 +56,17 @@ def ext_fn(op: str, backend: str) -> Fn:
     if op == "log_softmax":
         return lambda x, t: softmax_ext.log_softmax(x, -1, backend=backend)
     raise ValueError(f"unknown op {op!r}")
+
+
+def ext_lm_fn(op: str, backend: str) -> Fn:
+    """softmax_ext's cross-entropy with ``config.LM_OPTIONS`` (the only op of softmax_ext.lm)."""
+    import softmax_ext
+
+    from .config import LM_OPTIONS
+
+    if op != "cross_entropy":
+        raise ValueError(f"softmax_ext.lm has cross_entropy only, not {op!r}")
+    return lambda x, t: softmax_ext.cross_entropy(x, t, backend=backend, **LM_OPTIONS)
 
 
 def compiled_fn(op: str) -> Fn:
@@ -123,6 +136,14 @@ def available(
                 skipped[name] = why
                 continue
             impls.append(Impl(name, backend, all_ops, lambda op, b=backend: ext_fn(op, b)))
+        elif name == "softmax_ext.lm":
+            backend = ext_backend or default_ext_backend(device)
+            why = None if backend == "torch" else _ext_unavailable(device, backend)
+            if why:
+                skipped[name] = why
+                continue
+            make = lambda op, b=backend: ext_lm_fn(op, b)  # noqa: E731
+            impls.append(Impl(name, backend, ("cross_entropy",), make))
         elif name == "torch":
             impls.append(Impl(name, "eager", all_ops, eager_fn))
         elif name == "torch.compile":

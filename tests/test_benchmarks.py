@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bandwidth, core, plots, report  # noqa: E402
+import softmax_ext  # noqa: E402
+from benchmarks import bandwidth, core, peers, plots, report  # noqa: E402
 from benchmarks.cli import build_config, main, parse_args  # noqa: E402
 from benchmarks.config import (  # noqa: E402
     CPU_FULL_SHAPES,
@@ -272,6 +273,45 @@ def test_core_targets_from_records():
     assert "FAIL" in text and "PASS" in text and "NOT all targets met" in text
     table = core.format_slower(targets)
     assert "log_softmax fwd+bwd" in table and "softmax bwd" in table and "1.10" in table
+
+
+def test_core_target_language_model_options():
+    """softmax_ext.lm (softcap=30, lse_square_scale=1e-4) / softmax_ext at the large shape, goal
+    1.15: present when the run timed softmax_ext.lm, not measured when its large record is
+    missing, absent from runs that never timed it."""
+    big = core.CORE_LARGE
+    plain = [_rec("softmax_ext", big, 100.0), _rec("torch", big, 1200.0)]
+    for lm_ms, verdict in ((114.0, True), (115.0, True), (250.0, False)):
+        targets = core.evaluate([*plain, _rec("softmax_ext.lm", big, lm_ms)], 10.0)
+        item = next(t for t in targets["items"] if t["id"] == "large_lm_options")
+        assert item["pass"] is verdict and item["goal"] == 1.15
+        assert item["value"] == pytest.approx(lm_ms / 100.0)
+        assert "softcap=30" in item["name"] and "lse_square_scale=0.0001" in item["name"]
+    only_small = _rec("softmax_ext.lm", core.CORE_SMALL, 0.1)
+    assert _verdicts(core.evaluate([*plain, only_small], 10.0))["large_lm_options"] is None
+    assert "large_lm_options" not in _verdicts(core.evaluate(plain, 10.0))
+    # the lm records are not cases against torch eager
+    assert core.evaluate([*plain, _rec("softmax_ext.lm", big, 500.0)], 10.0)["cases"] == 1
+
+
+def test_core_suite_times_the_language_model_options():
+    cfg = build_config(parse_args(["--device", "cpu", "--suite", "core"]))
+    assert "softmax_ext.lm" not in cfg.impls  # not in the sweep's "all"
+    assert core.core_config(cfg).impls[-1] == "softmax_ext.lm"
+    small_only = build_config(
+        parse_args(["--device", "cpu", "--suite", "core", "--shapes", "256x10"])
+    )
+    assert "softmax_ext.lm" not in core.core_config(small_only).impls
+    named = build_config(parse_args(["--device", "cpu", "--impls", "softmax_ext,softmax_ext.lm"]))
+    assert named.impls == ["softmax_ext", "softmax_ext.lm"]
+    with pytest.raises(ValueError, match="unknown implementation"):
+        build_config(parse_args(["--device", "cpu", "--impls", "softmax_ext.nope"]))
+    fn = peers.ext_lm_fn("cross_entropy", "cpp")
+    x = torch.randn(4, 7, dtype=torch.float64)
+    t = torch.tensor([0, 3, 6, 2])
+    expected = softmax_ext.cross_entropy(x, t, softcap=30.0, lse_square_scale=1e-4)
+    torch.testing.assert_close(fn(x, t), expected)
+    assert not torch.allclose(fn(x, t), softmax_ext.cross_entropy(x, t))
 
 
 def test_core_targets_all_pass_and_none_slower():

@@ -204,18 +204,13 @@ def test_torch_backend_gives_the_same(backend, device, kind):
         torch.testing.assert_close(a, b)
 
 
-# ---- logit soft-capping (C++ backend so far) -----------------------------------------------------
+# ---- logit soft-capping --------------------------------------------------------------------------
 
 CAP = 2.5
 
 
 def capped(x, cap=CAP):
     return cap * torch.tanh(x / cap)
-
-
-def _cpp_only(backend):
-    if backend == "triton":
-        pytest.skip("softcap is in the C++ kernels only so far (the Triton ones raise)")
 
 
 @pytest.mark.parametrize(
@@ -225,7 +220,6 @@ def _cpp_only(backend):
     ),
 )
 def test_softcap_matches_float64_reference(backend, device, layout, kind, reduction, eps, weighted):
-    _cpp_only(backend)
     shape = LAYOUTS[layout]
     n_classes = shape[0] if len(shape) == 1 else shape[1]
     x = torch.randn(shape, dtype=torch.float64, device=device) * 4
@@ -253,7 +247,6 @@ def test_softcap_matches_float64_reference(backend, device, layout, kind, reduct
 @pytest.mark.parametrize("n_classes", [10, 50])  # the 16-row block path and the row path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_softcap_low_precision_no_worse_than_torch_ops(backend, device, dtype, n_classes):
-    _cpp_only(backend)
     x64 = torch.randn(64, n_classes, dtype=torch.float64, device=device) * 8
     x64[0, :3] = torch.tensor([1e4, -1e4, -float("inf")], dtype=torch.float64)
     t = torch.randint(0, n_classes, (64,), device=device)
@@ -287,7 +280,6 @@ def test_softcap_low_precision_no_worse_than_torch_ops(backend, device, dtype, n
 
 @pytest.mark.parametrize("kind", ["index", "soft"])
 def test_softcap_gradcheck_and_gradgradcheck(backend, device, kind):
-    _cpp_only(backend)
     x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True) * 3
     target = make_target((5, 4), kind, device)
 
@@ -304,11 +296,3 @@ def test_softcap_gradcheck_and_gradgradcheck(backend, device, kind):
 
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
-
-
-def test_softcap_on_triton_says_where_it_runs(backend, device):
-    if backend != "triton":
-        pytest.skip("the Triton kernels' refusal")
-    x, t = torch.randn(3, 4, device=device), torch.tensor([0, 1, 2], device=device)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        se.cross_entropy(x, t, softcap=30.0, backend=backend)

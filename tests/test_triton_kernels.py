@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
 
 import softmax_ext  # noqa: E402
 from softmax_ext import ops  # noqa: E402
@@ -24,6 +26,7 @@ from softmax_ext.triton._common import (  # noqa: E402
     BLOCK_ENV,
     max_block_c,
     num_warps,
+    tanh,
     vector_width,
 )
 from softmax_ext.triton.softmax import strided_tile_shape  # noqa: E402
@@ -61,9 +64,13 @@ def kernels(device: str):
     return ops.kernels("triton", torch.device(device))
 
 
-def opts(eps: float = 0.0, ignore_index: int = -100, reduction: int = 1) -> ops.LossOptions:
+def opts(
+    eps: float = 0.0, ignore_index: int = -100, reduction: int = 1, softcap: float = 0.0
+) -> ops.LossOptions:
     """The cross-entropy kernels' option block (splat it after the tensors)."""
-    return ops.LossOptions(ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+    return ops.LossOptions(
+        ignore_index=ignore_index, label_smoothing=eps, reduction=reduction, softcap=softcap
+    )
 
 
 def assert_close(actual, expected, atol=1e-12, rtol=1e-10):
@@ -395,6 +402,81 @@ def test_ce_soft_half_types(device, dtype):
     grad = k.ce_soft_bwd(g, x, q, None, lse, tsum, None, *opts(0.1))
     assert grad.dtype == dtype
     assert_close(grad, r_grad, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- logit soft-capping
+def ref_capped(x, target, w, eps, g, glse, cap, ignore_index=-100):
+    """(loss, lse, grad) of the capped-logit kernels in float64 from torch's ops: z = cap *
+    tanh(x / cap), the loss of either kind on z, grad = d/dx of sum(g * loss + glse * lse)."""
+    x = x.detach().double().requires_grad_()
+    c = x.shape[1]
+    z = cap * torch.tanh(x / cap)
+    logp, lse = torch.log_softmax(z, 1), torch.logsumexp(z, 1)
+    w = torch.ones(c, dtype=torch.float64, device=x.device) if w is None else w.double()
+    if target.dtype == torch.int64:
+        ok = target != ignore_index
+        safe = torch.where(ok, target, 0)
+        loss = -logp.gather(1, safe[:, None])[:, 0] * w[safe]
+        if eps:
+            loss = (1 - eps) * loss - (eps / c) * (logp * w).sum(1)
+        loss = torch.where(ok, loss, 0.0)
+    else:
+        q = (1 - eps) * target.double() + eps / c
+        loss = -(w * q * logp).sum(1)
+    ((g.double() * loss).sum() + (glse.double() * lse).sum()).backward()
+    return loss.detach(), lse.detach(), x.grad
+
+
+@pytest.mark.parametrize("kind", ["index", "soft"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_ce_softcap_matches_torch(device, block, kind, weighted, eps):
+    n, c, cap = 7, 9, 2.5
+    x = torch.randn(n, c + 2, dtype=torch.float64, device=device)[:, 2:] * 4
+    x[0, 1], x[1, 2], x[2, 0] = 1e4, -1e4, -INF  # capped to +-cap: finite loss and gradient
+    x[3] = 0.3  # all-equal row
+    w = torch.rand(c, dtype=torch.float64, device=device) + 0.5 if weighted else None
+    g = torch.randn(n, dtype=torch.float64, device=device)
+    glse = torch.randn(n, dtype=torch.float64, device=device)
+    k = kernels(device)
+    if kind == "index":
+        t = torch.tensor([1, 2, 0, -100, 8, 4, 3], device=device)
+        o = opts(eps, softcap=cap)
+        loss, lse = k.ce_index_fwd(x, t, w, *o)
+        grad = k.ce_index_bwd(g, x, t, w, lse, glse, *o)
+    else:
+        t = torch.softmax(torch.randn(n, c, dtype=torch.float64, device=device), 1)
+        o = opts(eps, softcap=cap)
+        loss, lse, tsum = k.ce_soft_fwd(x, t, w, *o)
+        grad = k.ce_soft_bwd(g, x, t, w, lse, tsum, glse, *o)
+    r_loss, r_lse, r_grad = ref_capped(x, t, w, eps, g, glse, cap)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close(loss, r_loss)
+    assert_close(lse, r_lse)
+    assert_close(grad, r_grad)
+
+
+@triton.jit
+def tanh_kernel(x_ptr, y_ptr, n, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + o, tanh(tl.load(x_ptr + o, mask=o < n), IS_F64), mask=o < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_within_four_ulp(device, dtype):
+    """The kernels' tanh against torch's on a dense grid, both branches and the switch at 0.55,
+    with +-inf to +-1 and NaN kept."""
+    special = torch.tensor([0.0, INF, -INF, NAN, 0.55, 1e-30, -1e-30, 20.0, 19.0], dtype=dtype)
+    x = torch.cat([torch.linspace(-22, 22, 40001, dtype=dtype), special]).to(device)
+    y = torch.empty_like(x)
+    tanh_kernel[(triton.cdiv(x.numel(), 4096),)](
+        x, y, x.numel(), IS_F64=dtype == torch.float64, BLOCK=4096
+    )
+    ref = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+    finite = torch.isfinite(ref)
+    assert ((y.double() - ref).abs()[finite] <= 4 * ulp[finite]).all()
+    assert y[-8].item() == 1.0 and y[-7].item() == -1.0 and math.isnan(y[-6].item())
 
 
 # ---------------------------------------------------------------- vector widths and tiles

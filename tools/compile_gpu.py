@@ -211,7 +211,8 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
     the operators pass them: contiguous logits and targets, per-row gradients expanded from a
     scalar (reduction "mean", the default) or one per row ("none"), then the option block
     (ops.LossOptions) in schema order; label smoothing 0 and 0.1 for index targets (the kernels'
-    WITH_SMOOTH off and on), 0.1 for soft ones (a runtime value there)."""
+    WITH_SMOOTH off and on), 0.1 for soft ones (a runtime value there); soft-capping with
+    smoothing and the log-sum-exp gradient for both."""
     from softmax_ext.ops import LossOptions
     from softmax_ext.triton import cross_entropy as ce
     from softmax_ext.triton import soft_cross_entropy as sce
@@ -255,6 +256,14 @@ def cases(dtypes: List[str], classes: List[int]) -> List[Tuple[str, Callable[...
                     o = LossOptions(label_smoothing=eps)
                     args = (g_mean[1], x, t, weight, lse, glse, *o)
                     out.append((f"ce_index bwd {tag}{otag} lse-grad", ce.ce_index_bwd, args))
+                # logit soft-capping, with smoothing and the log-sum-exp gradient
+                o = LossOptions(label_smoothing=0.1, softcap=30.0)
+                out.append((f"ce_index {tag}{wtag} softcap", ce.ce_index_fwd, (x, t, weight, *o)))
+                args = (g_mean[1], x, t, weight, lse, glse, *o)
+                out.append((f"ce_index bwd {tag}{wtag} softcap", ce.ce_index_bwd, args))
+                out.append((f"ce_soft {tag}{wtag} softcap", sce.ce_soft_fwd, (x, q, weight, *o)))
+                args = (g_mean[1], x, q, weight, lse, tsum, glse, *o)
+                out.append((f"ce_soft bwd {tag}{wtag} softcap", sce.ce_soft_bwd, args))
                 fwd = (x, q, weight, *LossOptions(label_smoothing=0.1))
                 out.append((f"ce_soft {tag}{wtag}", sce.ce_soft_fwd, fwd))
                 for rtag, g, reduction in [g_mean] + ([g_none] if weight is None else []):

@@ -143,13 +143,15 @@ def loss_options(options: Tuple[Union[int, float], ...]) -> LossOptions:
             f"softmax_ext (triton): expected the {len(LossOptions._fields)} loss options "
             f"{LossOptions._fields}, got {len(options)}: {options!r}"
         )
-    o = LossOptions(*options)
-    if o.softcap:
-        raise NotImplementedError(
-            "softmax_ext (triton): softcap is not implemented in the Triton kernels yet; the C++ "
-            "backend has it (CPU tensors)"
-        )
-    return o
+    return LossOptions(*options)
+
+
+def softcap_factors(softcap: float) -> Tuple[float, float]:
+    """(cap, 1 / cap) as runtime float64 scalars for the kernels' HAS_SOFTCAP path, (0, 0) when
+    there is no cap (``softcap`` 0). The kernels scale by 1 / cap: a multiply instead of a
+    division per logit, as the C++ kernels do."""
+    cap = float(softcap)
+    return (cap, 1.0 / cap) if cap else (0.0, 0.0)
 
 
 def smoothing_factors(label_smoothing: float, n_classes: int) -> Tuple[float, float]:
@@ -222,13 +224,27 @@ def online_lse_update(m, s, x, mask):
 
 
 @triton.jit
-def rows_online_lse(x_rows, row_ok, C, m, s, IS_F64: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Fold every class block of rows (unit class stride) into the running (m, s)."""
+def rows_online_lse(
+    x_rows,
+    row_ok,
+    C,
+    m,
+    s,
+    cap,
+    inv_cap,
+    HAS_SOFTCAP: tl.constexpr,
+    IS_F64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Fold every class block of rows (unit class stride, soft-capped under HAS_SOFTCAP) into the
+    running (m, s)."""
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cols
         mask = row_ok[:, None] & (c[None, :] < C)
-        x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
+        x = load_logits(
+            x_rows[:, None] + c[None, :], mask, float("-inf"), cap, inv_cap, HAS_SOFTCAP, IS_F64
+        )
         m, s = online_lse_update(m, s, x, mask)
     return m, s
 
@@ -254,3 +270,61 @@ def split_lse(lse, IS_F64: tl.constexpr):
     """
     hi = upcast(lse, IS_F64)
     return hi, upcast(lse - hi.to(tl.float64), IS_F64)
+
+
+@triton.jit
+def tanh(u, IS_F64: tl.constexpr):
+    """tanh(u) in the dtype of ``u``, within a few ulp, NaN kept, +-inf to +-1.
+
+    Triton's core has no tanh, and libdevice's does not run under the interpreter. Above
+    |u| = 0.55: 1 - 2 / (exp(2|u|) + 1), with |u| held at 20 (where tanh rounds to 1 in float64
+    too). Below, the odd Taylor series to u^15, whose next term is under 5e-8 of u there: enough
+    for float32; float64 evaluates it at u / 4 (next term under 4e-18) and doubles the argument
+    twice with tanh(2v) = 2 tanh(v) / (1 + tanh(v)^2).
+    """
+    a = tl.abs(u)
+    e = tl.exp(2.0 * tl.minimum(a, 20.0))
+    big = 1.0 - 2.0 / (e + 1.0)
+    big = tl.where(u < 0.0, -big, big)
+    if IS_F64:
+        v = u * 0.25
+    else:
+        v = u
+    s = v * v
+    p = -929569.0 / 638512875.0
+    p = p * s + 21844.0 / 6081075.0
+    p = p * s - 1382.0 / 155925.0
+    p = p * s + 62.0 / 2835.0
+    p = p * s - 17.0 / 315.0
+    p = p * s + 2.0 / 15.0
+    p = p * s - 1.0 / 3.0
+    small = v + v * s * p
+    if IS_F64:
+        small = 2.0 * small / (1.0 + small * small)
+        small = 2.0 * small / (1.0 + small * small)
+    r = tl.where(a < 0.55, small, big)
+    return tl.where(u != u, u, r)
+
+
+@triton.jit
+def soft_capped(x, cap, inv_cap, HAS_SOFTCAP: tl.constexpr, IS_F64: tl.constexpr):
+    """(z, dz/dx) for logits ``x`` in the accumulation dtype: z = cap * tanh(x / cap) and
+    1 - tanh^2 under HAS_SOFTCAP (``cap``, ``inv_cap`` the launcher's float64 scalars from
+    :func:`softcap_factors`), else (x, 1.0). A -inf logit becomes -cap: callers keep their
+    padded lanes out of sums with their mask."""
+    if HAS_SOFTCAP:
+        t = tanh(x * upcast_scalar(inv_cap, IS_F64), IS_F64)
+        return upcast_scalar(cap, IS_F64) * t, 1.0 - t * t
+    else:
+        return x, 1.0
+
+
+@triton.jit
+def load_logits(ptrs, mask, other, cap, inv_cap, HAS_SOFTCAP: tl.constexpr, IS_F64: tl.constexpr):
+    """Logits at ``ptrs`` in the accumulation dtype, soft-capped under HAS_SOFTCAP; lanes outside
+    ``mask`` hold ``other`` (capped -inf padding would be -cap, a lane the sums would count)."""
+    x = upcast(tl.load(ptrs, mask=mask, other=other), IS_F64)
+    if HAS_SOFTCAP:
+        z, _ = soft_capped(x, cap, inv_cap, HAS_SOFTCAP, IS_F64)
+        x = tl.where(mask, z, other)
+    return x

@@ -27,6 +27,7 @@ from ._common import (
     check_targets,
     check_weight,
     finite_shift,
+    load_logits,
     loss_options,
     lse_to_f64,
     num_warps,
@@ -34,6 +35,8 @@ from ._common import (
     online_lse_update,
     rows_online_lse,
     smoothing_factors,
+    soft_capped,
+    softcap_factors,
     split_lse,
     tile_shape,
     unit_class_stride,
@@ -67,8 +70,11 @@ def _ce_index_fwd_kernel(
     ignore_index,
     keep: tl.float64,
     spread: tl.float64,
+    cap: tl.float64,
+    inv_cap: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     WITH_SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     IS_F64: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -85,7 +91,9 @@ def _ce_index_fwd_kernel(
     smooth = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
     if SINGLE:
         mask = row_ok[:, None] & (cols[None, :] < C)
-        x = upcast(tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")), IS_F64)
+        x = load_logits(
+            x_rows[:, None] + cols[None, :], mask, float("-inf"), cap, inv_cap, HAS_SOFTCAP, IS_F64
+        )
         m, s = online_lse_update(m, s, x, mask)
         shift = finite_shift(m)
         log_s = tl.log(s)
@@ -96,7 +104,7 @@ def _ce_index_fwd_kernel(
                 term = tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :] * term
             smooth = tl.sum(tl.where(mask, term, 0.0), axis=1)
     else:
-        m, s = rows_online_lse(x_rows, row_ok, C, m, s, IS_F64, BLOCK_C)
+        m, s = rows_online_lse(x_rows, row_ok, C, m, s, cap, inv_cap, HAS_SOFTCAP, IS_F64, BLOCK_C)
         shift = finite_shift(m)
         log_s = tl.log(s)
         if WITH_SMOOTH:
@@ -105,14 +113,16 @@ def _ce_index_fwd_kernel(
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cols
                 mask = row_ok[:, None] & (c[None, :] < C)
-                x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+                x = load_logits(
+                    x_rows[:, None] + c[None, :], mask, 0.0, cap, inv_cap, HAS_SOFTCAP, IS_F64
+                )
                 term = (shift[:, None] - x) + log_s[:, None]
                 if HAS_WEIGHT:
                     term = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * term
                 smooth += tl.sum(tl.where(mask, term, 0.0), axis=1)
     # The target's logit and weight only now: kept live across the class loops they were spilled.
     t, ignored, in_range = _load_targets(t_ptr, stride_t, rows, row_ok, C, ignore_index)
-    x_t = upcast(tl.load(x_rows + t, mask=row_ok & in_range, other=0.0), IS_F64)
+    x_t = load_logits(x_rows + t, row_ok & in_range, 0.0, cap, inv_cap, HAS_SOFTCAP, IS_F64)
     if HAS_WEIGHT:
         w_t = tl.load(w_ptr + t, mask=row_ok & in_range, other=0.0)
     else:
@@ -146,9 +156,12 @@ def _ce_index_bwd_kernel(
     ignore_index,
     keep: tl.float64,
     spread: tl.float64,
+    cap: tl.float64,
+    inv_cap: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     WITH_SMOOTH: tl.constexpr,
     HAS_GLSE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -180,7 +193,9 @@ def _ce_index_bwd_kernel(
         c = c0 + cols
         mask = row_ok[:, None] & (c[None, :] < C)
         x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=float("-inf")), IS_F64)
-        p = tl.exp((x - hi[:, None]) - lo[:, None])
+        # The loss's logits z: x itself, or cap * tanh(x / cap) with slope dz/dx.
+        z, slope = soft_capped(x, cap, inv_cap, HAS_SOFTCAP, IS_F64)
+        p = tl.exp((z - hi[:, None]) - lo[:, None])
         # p - onehot stays in the accumulation dtype until the final store (exact near p = 1).
         # torch's scale * p - scale * onehot is NaN at the target when the target's weight is
         # infinite; scale - scale (0, or NaN for an infinite scale) adds that case alone.
@@ -196,6 +211,8 @@ def _ce_index_bwd_kernel(
         grad = tl.where(ignored[:, None], 0.0, tl.where(in_range[:, None], grad, float("nan")))
         if HAS_GLSE:
             grad += tl.where(mask, glse[:, None] * p, 0.0)
+        if HAS_SOFTCAP:
+            grad *= slope
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -234,8 +251,10 @@ def ce_index_fwd(
             n_classes,
             o.ignore_index,
             *smoothing_factors(o.label_smoothing, n_classes),
+            *softcap_factors(o.softcap),
             HAS_WEIGHT=weight is not None,
             WITH_SMOOTH=o.label_smoothing > 0.0,
+            HAS_SOFTCAP=bool(o.softcap),
             IS_F64=logits.dtype == torch.float64,
             SINGLE=single,
             BLOCK_R=block_r,
@@ -297,9 +316,11 @@ def ce_index_bwd(
             n_classes,
             o.ignore_index,
             *smoothing_factors(o.label_smoothing, n_classes),
+            *softcap_factors(o.softcap),
             HAS_WEIGHT=weight is not None,
             WITH_SMOOTH=with_smooth,
             HAS_GLSE=grad_lse is not None,
+            HAS_SOFTCAP=bool(o.softcap),
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,

@@ -19,6 +19,7 @@ from ._common import (
     check_dtype,
     check_weight,
     finite_shift,
+    load_logits,
     loss_options,
     lse_to_f64,
     num_warps,
@@ -26,6 +27,8 @@ from ._common import (
     online_lse_update,
     rows_online_lse,
     smoothing_factors,
+    soft_capped,
+    softcap_factors,
     split_lse,
     tile_shape,
     unit_class_stride,
@@ -49,7 +52,10 @@ def _ce_soft_fwd_kernel(
     C,
     keep: tl.float64,
     spread: tl.float64,
+    cap: tl.float64,
+    inv_cap: tl.float64,
     HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     IS_F64: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -69,7 +75,9 @@ def _ce_soft_fwd_kernel(
     loss = upcast(tl.zeros([BLOCK_R], tl.float32), IS_F64)
     if SINGLE:
         mask = row_ok[:, None] & (cols[None, :] < C)
-        x = upcast(tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")), IS_F64)
+        x = load_logits(
+            x_rows[:, None] + cols[None, :], mask, float("-inf"), cap, inv_cap, HAS_SOFTCAP, IS_F64
+        )
         wq = upcast(tl.load(q_rows[:, None] + cols[None, :], mask=mask, other=0.0), IS_F64)
         wq = wq * keep + spread
         if HAS_WEIGHT:
@@ -81,14 +89,16 @@ def _ce_soft_fwd_kernel(
         loss = tl.sum(tl.where(mask, wq * ((shift[:, None] - x) + log_s[:, None]), 0.0), axis=1)
         tsum = tl.sum(tl.where(mask, wq, 0.0), axis=1)
     else:
-        m, s = rows_online_lse(x_rows, row_ok, C, m, s, IS_F64, BLOCK_C)
+        m, s = rows_online_lse(x_rows, row_ok, C, m, s, cap, inv_cap, HAS_SOFTCAP, IS_F64, BLOCK_C)
         shift = finite_shift(m)
         log_s = tl.log(s)
         # Second pass with the final lse (see cross_entropy.py for why not one pass).
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             mask = row_ok[:, None] & (c[None, :] < C)
-            x = upcast(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
+            x = load_logits(
+                x_rows[:, None] + c[None, :], mask, 0.0, cap, inv_cap, HAS_SOFTCAP, IS_F64
+            )
             wq = upcast(tl.load(q_rows[:, None] + c[None, :], mask=mask, other=0.0), IS_F64)
             wq = wq * keep + spread
             if HAS_WEIGHT:
@@ -122,8 +132,11 @@ def _ce_soft_bwd_kernel(
     C,
     keep: tl.float64,
     spread: tl.float64,
+    cap: tl.float64,
+    inv_cap: tl.float64,
     HAS_WEIGHT: tl.constexpr,
     HAS_GLSE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     IS_F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -152,11 +165,15 @@ def _ce_soft_bwd_kernel(
         wq = wq * keep + spread
         if HAS_WEIGHT:
             wq = tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] * wq
-        p = tl.exp((x - hi[:, None]) - lo[:, None])
+        # The loss's logits z: x itself, or cap * tanh(x / cap) with slope dz/dx.
+        z, slope = soft_capped(x, cap, inv_cap, HAS_SOFTCAP, IS_F64)
+        p = tl.exp((z - hi[:, None]) - lo[:, None])
         if HAS_GLSE:
             grad = p_coef[:, None] * p - g[:, None] * wq
         else:  # as before, bit for bit
             grad = g[:, None] * (tsum[:, None] * p - wq)
+        if HAS_SOFTCAP:
+            grad *= slope
         tl.store(gx_rows[:, None] + c[None, :], grad.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -202,7 +219,9 @@ def ce_soft_fwd(
             n_rows,
             n_classes,
             *smoothing_factors(o.label_smoothing, n_classes),
+            *softcap_factors(o.softcap),
             HAS_WEIGHT=weight is not None,
+            HAS_SOFTCAP=bool(o.softcap),
             IS_F64=acc == torch.float64,
             SINGLE=single,
             BLOCK_R=block_r,
@@ -260,8 +279,10 @@ def ce_soft_bwd(
             n_rows,
             n_classes,
             *smoothing_factors(o.label_smoothing, n_classes),
+            *softcap_factors(o.softcap),
             HAS_WEIGHT=weight is not None,
             HAS_GLSE=grad_lse is not None,
+            HAS_SOFTCAP=bool(o.softcap),
             IS_F64=logits.dtype == torch.float64,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
