@@ -5,6 +5,7 @@ has neither), with every other option, layout and reduction, on every backend.""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -296,3 +297,26 @@ def test_softcap_gradcheck_and_gradgradcheck(backend, device, kind):
 
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softcap_tanh_within_four_eps(backend, device, dtype):
+    """One-class rows with softcap=1: the log-sum-exp is the kernels' tanh of the logit itself
+    (on the 16-row block path), within 4 eps of torch's relative to it, on a dense grid, both
+    sides of every branch point, tiny values and +-inf (to +-1) and NaN."""
+    x = torch.cat(
+        [
+            torch.linspace(-12, 12, 48001, dtype=torch.float64),
+            torch.logspace(-30, 1, 3001, dtype=torch.float64),
+            torch.tensor([0.0, 0.55, 0.1242, 10.4, float("inf"), -float("inf"), float("nan")]),
+        ]
+    ).to(dtype=dtype, device=device)
+    t = torch.zeros(len(x), dtype=torch.int64, device=device)
+    _, lse = se.cross_entropy(
+        x[:, None], t, softcap=1.0, return_lse=True, reduction="none", backend=backend
+    )
+    ref = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+    finite = torch.isfinite(ref)
+    assert ((lse.double() - ref).abs()[finite] <= 4 * ulp[finite]).all()
+    assert lse[-3].item() == 1.0 and lse[-2].item() == -1.0 and math.isnan(lse[-1].item())
