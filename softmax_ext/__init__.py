@@ -7,7 +7,7 @@ signatures.
 
 from . import _cpp
 from . import ops as _ops  # defines the torch.library operators
-from .functional import cross_entropy, log_softmax, softmax
+from .functional import cross_entropy, linear_cross_entropy, log_softmax, softmax
 from .nn import CrossEntropyLoss, LogSoftmax, Softmax, Softmax2d
 
 # Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once
@@ -20,6 +20,7 @@ empty_cache = _cpp.empty_cache
 __all__ = [
     "empty_cache",
     "cross_entropy",
+    "linear_cross_entropy",
     "softmax",
     "log_softmax",
     "CrossEntropyLoss",

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import linear_cross_entropy as _linear_ce
 from . import ops as _ops
 from .ops import BACKENDS, acc_dtype, backend_code
 
 _softmax_op = _ops.public_op("softmax")
 _ce_index_op = _ops.public_op("cross_entropy_index")
 _ce_soft_op = _ops.public_op("cross_entropy_soft")
+_linear_ce_op = _linear_ce.linear_cross_entropy_op
 
 _REDUCTIONS = ("none", "mean", "sum")  # indexed by torch's at::Reduction enum
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -299,6 +301,229 @@ def cross_entropy(
     return loss  # in the logits' dtype already (the operator rounds it once)
 
 
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without ever
+    holding the logits: rows are processed in chunks (one matmul into a reused buffer, the fused
+    cross-entropy kernels, the chunk's gradient folded into the input and weight gradients).
+
+    Same names, defaults and semantics as ``torch.nn.functional.linear_cross_entropy`` (its
+    ``ignore_index=None`` means -100) for 2-D weights, plus the extras of :func:`cross_entropy`.
+
+    Args:
+        input: (..., H), as ``nn.Linear`` takes it; floating point.
+        linear_weight: (V, H), the projection onto V classes; the input's dtype.
+        target: class indices of the leading shape (...), int64 or uint8, or class probabilities
+            (..., V).
+        linear_bias: optional (V,).
+        weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+        return_z_loss, return_lse: as in :func:`cross_entropy` (the class dim is the last).
+        chunk_size: rows per chunk; by default chosen from V and the dtype so that one chunk's
+            logits take at most 32 MiB and 1/32 of the whole logits.
+        backend: "auto" (C++ kernels on CPU, Triton on CUDA), "cpp", "triton" or "torch" (torch's
+            unfused ops).
+
+    Returns:
+        The loss in the input's dtype; with ``return_z_loss`` and/or ``return_lse``, a tuple
+        (loss, z_loss, lse) of those asked for. Gradients flow to ``input``, ``linear_weight``,
+        ``linear_bias`` and class-probability targets; the weight and bias gradients of float16 and
+        bfloat16 accumulate in float32.
+    """
+    _check_backend(backend)
+    ignore_index = -100 if ignore_index is None else ignore_index
+    reduction = _REDUCTIONS[_Reduction.get_enum(reduction)]
+    _check_lse_square_scale(lse_square_scale)
+    if softcap is not None:
+        _check_softcap(softcap)
+    soft = _check_linear_ce_args(input, linear_weight, linear_bias, target, weight)
+    n_classes, hidden = linear_weight.shape
+    row_shape = input.shape[:-1]
+    if _torch_serves(backend):
+        logits = F.linear(input, linear_weight, linear_bias).reshape(-1, n_classes)
+        out = cross_entropy(
+            logits,
+            target.reshape(-1, n_classes) if soft else target.reshape(-1),
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale,
+            softcap=softcap,
+            return_z_loss=return_z_loss,
+            return_lse=return_lse,
+            backend="torch",
+        )
+        return _linear_outputs(out, row_shape, reduction)
+    if label_smoothing != label_smoothing:
+        label_smoothing = 0.0
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "softmax_ext.linear_cross_entropy is not differentiable with respect to the class "
+            "weights 'weight'; this input cannot have requires_grad True"
+        )
+    x = input.reshape(-1, hidden)
+    t = target.reshape(-1, n_classes) if soft else target.reshape(-1).long()
+    if soft and n_classes > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    w = None if weight is None else weight.to(acc_dtype(input.dtype)).contiguous()
+    options = _ops.LossOptions(
+        ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        reduction=_REDUCTIONS.index(reduction),
+        lse_square_scale=float(lse_square_scale),
+        softcap=0.0 if softcap is None else float(softcap),
+    )
+    params = (input, linear_weight, linear_bias)
+    fold = (
+        torch.is_grad_enabled()
+        and any(p is not None and p.requires_grad for p in params)
+        and reduction != "none"
+        and not (return_lse or return_z_loss)
+        and not (soft and target.requires_grad)
+    )
+    code = backend_code(backend, input.device)
+    loss, lse, *_ = _linear_ce_op(
+        x, linear_weight, linear_bias, t, w, *options, chunk_size or 0, fold, code
+    )
+    out = [loss.to(input.dtype)]
+    if return_z_loss:
+        z = _z_loss(lse, None if soft else t, ignore_index, reduction, lse_square_scale)
+        out.append(z.to(input.dtype))
+    if return_lse:
+        out.append(lse)
+    return _linear_outputs(out[0] if len(out) == 1 else tuple(out), row_shape, reduction)
+
+
+def _linear_outputs(out, row_shape: torch.Size, reduction: str):
+    """Per-row results (reduction "none", the log-sum-exp) in the input's leading shape."""
+    if isinstance(out, Tensor):
+        return out.reshape(row_shape) if reduction == "none" else out
+    loss, *rest = out
+    if reduction == "none":
+        loss = loss.reshape(row_shape)
+    return (loss, *(r.reshape(row_shape) if r.dim() == 1 else r for r in rest))
+
+
+def _check_linear_ce_args(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+) -> bool:
+    """torch's checks of linear_cross_entropy's tensors (its exception types and messages);
+    returns whether ``target`` holds class probabilities."""
+    _check_floating(input, "linear_cross_entropy")
+    if input.dim() == 0:
+        raise RuntimeError("linear_cross_entropy: input must have a feature dimension, got 0-d")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}"
+        )
+    if linear_weight.dim() > 2:
+        raise NotImplementedError(
+            "softmax_ext.linear_cross_entropy: K-dimensional linear weights (C, d1, ..., H) are "
+            "not supported; give the input the extra dims instead: (N, d1, ..., H) with a "
+            "(C, H) weight"
+        )
+    n_classes, hidden = linear_weight.shape
+    if input.shape[-1] != hidden:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), got "
+            f"{input.shape[-1]} and {hidden}, respectively"
+        )
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected m1 and m2 to have the same dtype, but got: "
+                f"{_c10_name(input.dtype)} != {_c10_name(t.dtype)}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and {name} on {t.device}"
+            )
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise RuntimeError(
+            f"expected linear_bias shape ({n_classes},), got {tuple(linear_bias.shape)}"
+        )
+    if target.device != input.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found input on {input.device} "
+            f"and target on {target.device}"
+        )
+    row_shape = tuple(input.shape[:-1])
+    soft = tuple(target.shape) == (*row_shape, n_classes) and target.is_floating_point()
+    if not soft:
+        if target.is_floating_point() or target.dtype not in (torch.long, torch.uint8):
+            raise RuntimeError(
+                f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}"
+            )
+        if tuple(target.shape) != row_shape:
+            if row_shape and target.dim() and target.shape[0] != row_shape[0]:
+                raise ValueError(
+                    f"Expected input batch_size ({row_shape[0]}) to match target batch_size "
+                    f"({target.shape[0]})."
+                )
+            raise RuntimeError(
+                f"Expected target size {list(row_shape)} (class indices) or "
+                f"{[*row_shape, n_classes]} (class probabilities), got {list(target.shape)}"
+            )
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {n_classes} classes or no "
+                f"classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {_dtype_name(input.dtype)} but found "
+                f"{_dtype_name(weight.dtype)}"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and weight on {weight.device}"
+            )
+    if soft and target.dtype != input.dtype:
+        raise RuntimeError(
+            f"expected class-probability target of the input's dtype {input.dtype}, got "
+            f"{target.dtype}"
+        )
+    return soft
+
+
+def _c10_name(dtype: torch.dtype) -> str:
+    """The names c10 prints for dtypes in mm's messages ("float", "double", "c10::Half")."""
+    return {
+        torch.float32: "float",
+        torch.float64: "double",
+        torch.float16: "c10::Half",
+        torch.bfloat16: "c10::BFloat16",
+    }.get(dtype, str(dtype))
+
+
 def _torch_lse(input: Tensor) -> Tensor:
     """Each row's log-sum-exp from torch's ops, in the accumulation dtype (the class dim is 1, or 0
     for a (C,) input): the extras of the paths that do not run the operators."""
@@ -344,19 +569,7 @@ def _with_lse_terms(
     """
     z = None
     if lse_square_scale or return_z_loss:
-        z_rows = lse.square() * lse_square_scale
-        if target is not None and not target.is_floating_point():
-            counted = target != ignore_index
-            z_rows = torch.where(counted, z_rows, torch.zeros_like(z_rows))
-            n_counted = counted.sum()
-        else:
-            n_counted = z_rows.numel()
-        if reduction == "none":
-            z = z_rows
-        elif reduction == "sum":
-            z = z_rows.sum()
-        else:
-            z = z_rows.sum() / n_counted
+        z = _z_loss(lse, target, ignore_index, reduction, lse_square_scale)
         if lse_square_scale:
             loss = (loss + z.to(loss.dtype)).to(out_dtype)
         z = z.to(out_dtype)
@@ -366,6 +579,25 @@ def _with_lse_terms(
     if return_lse:
         out.append(lse)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _z_loss(
+    lse: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str, scale: float
+) -> Tensor:
+    """The z-loss ``scale * lse**2`` per row, 0 where ``target`` (class indices) is
+    ``ignore_index``, reduced: "mean" over the rows that count (unweighted), "sum", or per row."""
+    z_rows = lse.square() * scale
+    if target is not None and not target.is_floating_point():
+        counted = target != ignore_index
+        z_rows = torch.where(counted, z_rows, torch.zeros_like(z_rows))
+        n_counted = counted.sum()
+    else:
+        n_counted = z_rows.numel()
+    if reduction == "none":
+        return z_rows
+    if reduction == "sum":
+        return z_rows.sum()
+    return z_rows.sum() / n_counted
 
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
