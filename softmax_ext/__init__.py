@@ -8,7 +8,7 @@ signatures.
 from . import _cpp
 from . import ops as _ops  # defines the torch.library operators
 from .functional import cross_entropy, linear_cross_entropy, log_softmax, softmax
-from .nn import CrossEntropyLoss, LogSoftmax, Softmax, Softmax2d
+from .nn import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, Softmax, Softmax2d
 
 # Register the CPU kernels now when the extension is built, so torch.ops.softmax_ext.* work at once
 # (a missing build is JIT-compiled only when a CPU kernel is first needed), and resolve the backends
@@ -24,6 +24,7 @@ __all__ = [
     "softmax",
     "log_softmax",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "Softmax",
     "LogSoftmax",
     "Softmax2d",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from . import linear_cross_entropy as _linear_ce
+from . import linear_ce_op as _linear_ce
 from . import ops as _ops
 from .ops import BACKENDS, acc_dtype, backend_code
 

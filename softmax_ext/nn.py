@@ -1,6 +1,8 @@
-"""Modules: drop-in replacements for torch.nn.CrossEntropyLoss, Softmax, LogSoftmax, Softmax2d.
+"""Modules: drop-in replacements for torch.nn.CrossEntropyLoss, LinearCrossEntropyLoss, Softmax,
+LogSoftmax, Softmax2d.
 
-Each subclasses its PyTorch twin, so ``isinstance`` checks, ``state_dict`` keys (``weight`` is a
+Each subclasses its PyTorch twin (LinearCrossEntropyLoss, new in torch 2.13, mirrors its layout
+instead), so ``isinstance`` checks, ``state_dict`` keys (``weight`` is a
 buffer), ``.to()`` and ``repr`` behave exactly as with PyTorch's module.
 """
 
@@ -90,6 +92,86 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             return_z_loss=self.return_z_loss,
             return_lse=self.return_lse,
             backend=self.backend,
+        )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A linear layer and cross-entropy in one: the drop-in for ``torch.nn.LinearCrossEntropyLoss``
+    (same arguments, defaults and ``state_dict`` layout: ``linear.weight``, ``linear.bias`` and the
+    ``weight`` buffer), computed by :func:`softmax_ext.linear_cross_entropy` without the logits.
+
+    Args:
+        in_features: H, the input's last dim.
+        num_classes: V, the number of classes.
+        bias: whether the projection has a bias.
+        device, dtype: of the projection's parameters.
+        reduction, weight, ignore_index, label_smoothing: as ``torch.nn.CrossEntropyLoss``
+            (``ignore_index=None`` means -100, as in torch's module).
+        lse_square_scale, softcap, return_z_loss, return_lse, chunk_size, backend: keyword-only
+            extras, see :func:`softmax_ext.linear_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = -100,
+        label_smoothing: float = 0.0,
+        lse_square_scale: float = 0.0,
+        softcap: Optional[float] = None,
+        return_z_loss: bool = False,
+        return_lse: bool = False,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        SF._check_backend(backend)
+        SF._check_lse_square_scale(lse_square_scale)
+        if softcap is not None:
+            SF._check_softcap(softcap)
+        self.in_features, self.num_classes = in_features, num_classes
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.weight: Optional[Tensor]
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.return_z_loss = return_z_loss
+        self.return_lse = return_lse
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
+        return SF.linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale,
+            softcap=self.softcap,
+            return_z_loss=self.return_z_loss,
+            return_lse=self.return_lse,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
         )
 
 

@@ -31,8 +31,10 @@ from .ops import NAMESPACE, LossOptions, acc_dtype
 #: (logits, their gradient and, for half types, an fp32 copy of it) stay far below one logits
 #: tensor and near the cache sizes' order of magnitude.
 CHUNK_BYTES = 32 << 20
-#: The automatic chunk never exceeds this share of one whole logits tensor.
+#: The automatic chunk never exceeds this share of one whole logits tensor...
 MAX_CHUNK_SHARE = 1 / 32
+#: ... unless it is below this size anyway (small problems run in one chunk or a few).
+SMALL_CHUNK_BYTES = 1 << 20
 #: Rows of the smallest automatic chunk (matmuls below this lose most of their speed).
 MIN_CHUNK_ROWS = 16
 
@@ -50,12 +52,13 @@ _QUALNAME = f"{NAMESPACE}::{OP_NAME}"
 
 def chunk_rows(rows: int, classes: int, element_size: int, chunk_size: Optional[int]) -> int:
     """Rows per chunk: ``chunk_size`` when given (at most ``rows``), else as many rows as fit in
-    :data:`CHUNK_BYTES` and :data:`MAX_CHUNK_SHARE` of the logits, at least
-    :data:`MIN_CHUNK_ROWS` and a multiple of 16 (the C++ kernels' row block)."""
+    :data:`CHUNK_BYTES` and in :data:`MAX_CHUNK_SHARE` of the logits (or in
+    :data:`SMALL_CHUNK_BYTES`, whichever is larger), at least :data:`MIN_CHUNK_ROWS` and a
+    multiple of 16 (the C++ kernels' row block)."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), rows))
     row_bytes = max(1, classes * element_size)
-    budget = min(CHUNK_BYTES, rows * row_bytes * MAX_CHUNK_SHARE)
+    budget = min(CHUNK_BYTES, max(SMALL_CHUNK_BYTES, rows * row_bytes * MAX_CHUNK_SHARE))
     n = max(MIN_CHUNK_ROWS, int(budget // row_bytes) // 16 * 16)
     return max(1, min(n, rows))
 
@@ -220,13 +223,13 @@ def _forward(
             grads.add_chunk(r0, r1, dz, xc, linear_weight)
     lse_acc = lse.to(acc)
     loss = _reduce(loss_rows, lse_acc, target, weight, o)
-    empty = input.new_empty((0,))
+    # unused gradient outputs are distinct empty tensors (outputs must not alias)
     return (
         loss,
         lse_acc,
-        empty if grads.input is None else grads.input,
-        empty.to(acc) if grads.weight is None else grads.weight,
-        empty.to(acc) if grads.bias is None else grads.bias,
+        input.new_empty((0,)) if grads.input is None else grads.input,
+        input.new_empty((0,), dtype=acc) if grads.weight is None else grads.weight,
+        input.new_empty((0,), dtype=acc) if grads.bias is None else grads.bias,
     )
 
 
@@ -267,8 +270,8 @@ def _fake(
     loss = input.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
     if not fold:
-        e = input.new_empty((0,))
-        return loss, lse, e, e.to(acc), e.to(acc)
+        e = (input.new_empty((0,), dtype=d) for d in (input.dtype, acc, acc))
+        return (loss, lse, *e)
     gb = input.new_empty((linear_weight.shape[0] if linear_bias is not None else 0,), dtype=acc)
     return loss, lse, torch.empty_like(input), input.new_empty(linear_weight.shape, dtype=acc), gb
 
