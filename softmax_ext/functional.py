@@ -392,14 +392,19 @@ def linear_cross_entropy(
         lse_square_scale=float(lse_square_scale),
         softcap=0.0 if softcap is None else float(softcap),
     )
-    params = (input, linear_weight, linear_bias)
-    fold = (
+    # Which gradients the forward computes right away (bits: input, weight, bias): those that
+    # will be asked for, when the loss is the only output and reduced (its gradient is then a
+    # scalar multiple of what the forward can compute); else backward recomputes the chunks.
+    fold = 0
+    if (
         torch.is_grad_enabled()
-        and any(p is not None and p.requires_grad for p in params)
         and reduction != "none"
         and not (return_lse or return_z_loss)
         and not (soft and target.requires_grad)
-    )
+    ):
+        for bit, p in enumerate((input, linear_weight, linear_bias)):
+            if p is not None and p.requires_grad:
+                fold |= 1 << bit
     code = backend_code(backend, input.device)
     loss, lse, *_ = _linear_ce_op(
         x, linear_weight, linear_bias, t, w, *options, chunk_size or 0, fold, code

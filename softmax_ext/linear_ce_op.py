@@ -41,7 +41,7 @@ MIN_CHUNK_ROWS = 16
 OP_NAME = "linear_cross_entropy"
 _SCHEMA = (
     f"(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-    f"{_ops.OPTIONS}, int chunk_size, bool fold, int backend) -> "
+    f"{_ops.OPTIONS}, int chunk_size, int fold, int backend) -> "
     "(Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
 )
 
@@ -61,6 +61,12 @@ def chunk_rows(rows: int, classes: int, element_size: int, chunk_size: Optional[
     budget = min(CHUNK_BYTES, max(SMALL_CHUNK_BYTES, rows * row_bytes * MAX_CHUNK_SHARE))
     n = max(MIN_CHUNK_ROWS, int(budget // row_bytes) // 16 * 16)
     return max(1, min(n, rows))
+
+
+def fold_mask(fold: int) -> Tuple[bool, bool, bool]:
+    """The operator's ``fold`` argument as (input, weight, bias): which gradients the forward
+    computes (bit 0, 1, 2); 0 leaves them all to backward."""
+    return bool(fold & 1), bool(fold & 2), bool(fold & 4)
 
 
 def _kernels(soft: bool, code: int) -> Tuple[object, object]:
@@ -190,7 +196,7 @@ def _forward(
     lse_square_scale: float,
     softcap: float,
     chunk_size: int,
-    fold: bool,
+    fold: int,
     backend: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     o = LossOptions(ignore_index, label_smoothing, reduction, lse_square_scale, softcap)
@@ -200,7 +206,7 @@ def _forward(
     acc = acc_dtype(input.dtype)
     loss_rows = input.new_empty((rows,), dtype=acc)
     lse = input.new_empty((rows,), dtype=torch.float64)
-    grads = _Grads(input, linear_weight, linear_bias, (fold,) * 3)
+    grads = _Grads(input, linear_weight, linear_bias, fold_mask(fold))
     if fold:
         ce_g, z_g = _grad_rows(target, weight, o, acc, torch.ones((), dtype=acc))
     chunk = chunk_rows(rows, classes, input.element_size(), chunk_size or None)
@@ -262,18 +268,20 @@ def _fake(
     lse_square_scale: float,
     softcap: float,
     chunk_size: int,
-    fold: bool,
+    fold: int,
     backend: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(input.dtype)
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
-    if not fold:
-        e = (input.new_empty((0,), dtype=d) for d in (input.dtype, acc, acc))
-        return (loss, lse, *e)
-    gb = input.new_empty((linear_weight.shape[0] if linear_bias is not None else 0,), dtype=acc)
-    return loss, lse, torch.empty_like(input), input.new_empty(linear_weight.shape, dtype=acc), gb
+    fx, fw, fb = fold_mask(fold)
+    gi = torch.empty_like(input) if fx else input.new_empty((0,))
+    gw = input.new_empty(linear_weight.shape if fw else (0,), dtype=acc)
+    gb = input.new_empty(
+        (linear_weight.shape[0] if fb and linear_bias is not None else 0,), dtype=acc
+    )
+    return loss, lse, gi, gw, gb
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -291,8 +299,13 @@ def _backward(ctx, g_loss: Tensor, g_lse: Optional[Tensor], *_unused) -> tuple:
     o = ctx.opts
     if torch.is_grad_enabled():  # create_graph: a second derivative will be asked for
         grads = _reference_grads(x, w, b, target, weight, o, g_loss, g_lse, need)
-    elif ctx.fold:
-        g = g_loss.to(gw.dtype if gw.numel() else acc_dtype(x.dtype))
+    elif (
+        ctx.fold
+        and all(f or not n for f, n in zip(fold_mask(ctx.fold), need[:3], strict=True))
+        and not need[3]
+    ):
+        # every gradient asked for was folded in (the wrapper's choice; else recompute below)
+        g = g_loss.to(acc_dtype(x.dtype))
         grads = [
             (gi * g.to(gi.dtype)) if need[0] else None,
             (gw * g).to(w.dtype) if need[1] else None,
@@ -377,7 +390,10 @@ def _reference_grads(x, w, b, target, weight, o, g_loss, g_lse, need) -> List:
         outs.append(lse)
         gouts.append(g_lse.to(lse.dtype))
     got = iter(torch.autograd.grad(outs, inputs, gouts, create_graph=True, allow_unused=True))
-    return [next(got) if (n and t is not None) else None for t, n in zip((x, w, b, target), need[:4], strict=True)]
+    return [
+        next(got) if (n and t is not None) else None
+        for t, n in zip((x, w, b, target), need[:4], strict=True)
+    ]
 
 
 torch.library.register_kernel(_QUALNAME, ("cpu", "cuda"), _forward, lib=_lib)

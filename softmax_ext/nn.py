@@ -136,7 +136,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         if softcap is not None:
             SF._check_softcap(softcap)
         self.in_features, self.num_classes = in_features, num_classes
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.linear = torch.nn.Linear(
+            in_features, num_classes, bias=bias, device=device, dtype=dtype
+        )
         self.register_buffer("weight", weight)
         self.weight: Optional[Tensor]
         self.reduction = reduction

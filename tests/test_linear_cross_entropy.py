@@ -224,7 +224,11 @@ def test_empty_rows_and_all_ignored(backend, device, kind):
 
 def test_matches_torch_module_and_state_dict(backend, device):
     torch_mod = torch.nn.LinearCrossEntropyLoss(
-        H, V, bias=True, weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1,
+        H,
+        V,
+        bias=True,
+        weight=torch.rand(V, dtype=torch.float64) + 0.5,
+        label_smoothing=0.1,
         dtype=torch.float64,
     ).to(device)
     ours = se.LinearCrossEntropyLoss(
@@ -258,7 +262,7 @@ def test_torch_compile_fullgraph(backend, device):
         torch.testing.assert_close(ga, gc)
 
 
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("fold", [7, 2, 0])
 def test_opcheck(backend, device, fold):
     x, w, b, t, cw = make("2d", "index", device)
     code = se.ops.backend_code(backend, torch.device(device))

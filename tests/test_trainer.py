@@ -305,6 +305,43 @@ def test_fused_and_torch_losses_end_with_the_same_parameters(tmp_path, source, m
     )  # it did train
 
 
+@pytest.mark.parametrize("model", ["softmax", "mlp"])
+def test_fused_linear_head_trains_like_the_fused_loss(tmp_path, source, model):
+    """--loss fused-linear: the output layer and the loss are one LinearCrossEntropyLoss; from
+    the same seed it ends with the parameters of --loss fused (renamed: head.linear.* instead of
+    the last layer's), and the same epoch metrics."""
+    data = D.load(source, "cpu", download=False)
+    params, history = {}, {}
+    for loss in ("fused", "fused-linear"):
+        args = T.parse_args(
+            ["--model", model, "--loss", loss, "--label-smoothing", "0.1", "--batch-size", "32"]
+        )
+        config = R.make_config(args, torch.device("cpu"))
+        model_, loss_fn, opt = R.build(config, torch.device("cpu"))
+        assert (loss_fn is None) == (loss == "fused-linear")
+        trainer = Trainer(
+            model_, loss_fn, opt, data.train_x, data.train_y, data.test_x, data.test_y,
+            config["batch_size"], config["seed"],
+        )  # fmt: skip
+        assert trainer.run(2, on_epoch=lambda e: None)
+        params[loss] = list(trainer.model.state_dict().values())
+        history[loss] = trainer.progress.history
+    assert len(params["fused"]) == len(params["fused-linear"])
+    for a, b in zip(params["fused"], params["fused-linear"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(history["fused"], history["fused-linear"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_acc"] == b["test_acc"]
+    with pytest.raises(ValueError, match="fused-linear"):
+        R.build(
+            R.make_config(
+                T.parse_args(["--model", "scratch", "--loss", "fused-linear"]),
+                torch.device("cpu"),
+            ),
+            torch.device("cpu"),
+        )
+
+
 def test_resume_after_an_epoch_matches_an_uninterrupted_run(tmp_path, source):
     flags = ("--model", "mlp", "--optimizer", "adam", "--lr-schedule", "cosine")
     assert run(tmp_path, source, "straight", "--epochs", "2", *flags) == 0

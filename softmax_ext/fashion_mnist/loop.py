@@ -60,7 +60,8 @@ class Trainer:
     """Runs epochs of minibatch training and reports each finished epoch.
 
     Args:
-        model, loss, optimizer: what to train, the mean loss of (logits, labels), the updater.
+        model, loss, optimizer: what to train, the mean loss of (logits, labels) (None: the
+            model computes it, see models.FusedHeadModel), the updater.
         train_x, train_y, test_x, test_y: the data set on the training device.
         batch_size, seed: minibatch size; seed of the per-epoch permutations.
         progress: where to start (a fresh run or a checkpoint's state).
@@ -71,7 +72,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        loss: nn.Module,
+        loss: Optional[nn.Module],
         optimizer: torch.optim.Optimizer,
         train_x: Tensor,
         train_y: Tensor,
@@ -136,8 +137,11 @@ class Trainer:
                 break
             idx = order[step * bs : (step + 1) * bs]
             X, Y = x.index_select(0, idx), y.index_select(0, idx)
-            logits = model(X)
-            l = loss_fn(logits, Y)
+            if loss_fn is None:  # the model's output layer is its loss (--loss fused-linear)
+                l, logits = model.loss_and_logits(X, Y)
+            else:
+                logits = model(X)
+                l = loss_fn(logits, Y)
             opt.zero_grad(set_to_none=True)
             l.backward()
             opt.step()

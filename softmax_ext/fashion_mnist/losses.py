@@ -2,7 +2,8 @@
 
 The concise models use ``softmax_ext.CrossEntropyLoss`` (``--loss fused``) or
 ``torch.nn.CrossEntropyLoss`` (``--loss torch``). The from-scratch model writes the loss on top
-of ``log_softmax`` (softmax_ext's or torch's), as chapter 3.6 does.
+of ``log_softmax`` (softmax_ext's or torch's), as chapter 3.6 does. With ``--loss fused-linear``
+the model owns its loss (``models.FusedHeadModel``) and there is no separate loss module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from .. import functional as SF
 from ..nn import CrossEntropyLoss
 
-LOSSES = ("fused", "torch")
+LOSSES = ("fused", "torch", "fused-linear")
 
 
 class ScratchCrossEntropy(nn.Module):
@@ -43,8 +44,8 @@ def build_loss(
     kind: str, model_name: str, label_smoothing: float = 0.0, backend: str = "auto"
 ) -> nn.Module:
     """The mean cross-entropy to train ``model_name`` with: ``kind`` "fused" or "torch"."""
-    if kind not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    if kind not in LOSSES or kind == "fused-linear":
+        raise ValueError(f"loss must be one of {LOSSES[:2]}, got {kind!r}")
     if model_name == "scratch":
         return ScratchCrossEntropy(kind == "fused", label_smoothing, backend)
     if kind == "fused":

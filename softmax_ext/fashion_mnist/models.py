@@ -4,6 +4,10 @@
 * ``scratch``: explicit W and b, the softmax regression from scratch (3.6);
 * ``mlp``: a ReLU multilayer perceptron (4.3), 784-256-10 by default.
 
+With ``--loss fused-linear`` the last linear layer and the loss are one
+``softmax_ext.LinearCrossEntropyLoss`` (:class:`FusedHeadModel`): the softmax regression is then
+that module alone (784 -> 10), the MLP its hidden layers plus that module.
+
 All start from the chapters' initialisation: weights from N(0, 0.01^2), biases zero.
 """
 
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as SF
+from ..nn import LinearCrossEntropyLoss
 
 NUM_INPUTS, NUM_OUTPUTS = 28 * 28, 10
 MODELS = ("softmax", "scratch", "mlp")
@@ -63,6 +68,47 @@ def parse_hidden(spec: str) -> tuple:
             f"hidden sizes must be positive integers like 256 or 200,200, got {spec!r}"
         )
     return sizes
+
+
+class FusedHeadModel(nn.Module):
+    """A model whose output layer is a ``LinearCrossEntropyLoss``: ``body`` (flatten, hidden
+    layers) gives features, the head's projection gives the logits (``forward``, for predictions)
+    and :meth:`loss_and_logits` the training loss without materialising logits for the loss."""
+
+    def __init__(self, body: nn.Module, head: LinearCrossEntropyLoss) -> None:
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self.head.linear(self.body(X))
+
+    def loss_and_logits(self, X: Tensor, y: Tensor) -> tuple:
+        """(mean loss, detached logits for the accuracy) of a batch."""
+        features = self.body(X)
+        loss = self.head(features, y)
+        with torch.no_grad():
+            logits = self.head.linear(features)
+        return loss, logits
+
+
+def build_fused_head_model(
+    name: str, hidden: Sequence[int] = (256,), label_smoothing: float = 0.0, backend: str = "auto"
+) -> FusedHeadModel:
+    """``name`` ("softmax" or "mlp") with its output layer fused into the loss, initialised as
+    the chapters do; seed torch first."""
+    if name not in ("softmax", "mlp"):
+        raise ValueError(f"--loss fused-linear trains the softmax and mlp models, not {name!r}")
+    layers: list = [nn.Flatten()]
+    width = NUM_INPUTS
+    for h in hidden if name == "mlp" else ():
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    head = LinearCrossEntropyLoss(
+        width, NUM_OUTPUTS, bias=True, label_smoothing=label_smoothing, backend=backend
+    )
+    model = FusedHeadModel(nn.Sequential(*layers), head)
+    model.apply(init_weights)
+    return model
 
 
 def build_model(name: str, hidden: Sequence[int] = (256,), backend: str = "auto") -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from .losses import build_loss
-from .models import build_model, parse_hidden
+from .models import build_fused_head_model, build_model, parse_hidden
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
 DEFAULT_EPOCHS = 10
@@ -54,9 +54,18 @@ def make_config(args: argparse.Namespace, device: torch.device) -> dict:
 def build(config: dict, device: torch.device) -> tuple:
     """Seeded model, loss and optimizer for ``config``."""
     torch.manual_seed(config["seed"])
-    backend = config["backend"] if config["loss"] == "fused" else "torch"
-    model = build_model(config["model"], tuple(config["hidden"] or (256,)), backend).to(device)
-    loss = build_loss(config["loss"], config["model"], config["label_smoothing"], config["backend"])
+    backend = config["backend"] if config["loss"] != "torch" else "torch"
+    hidden = tuple(config["hidden"] or (256,))
+    if config["loss"] == "fused-linear":  # the model's output layer is the loss: no loss module
+        model = build_fused_head_model(
+            config["model"], hidden, config["label_smoothing"], backend
+        ).to(device)
+        loss = None
+    else:
+        model = build_model(config["model"], hidden, backend).to(device)
+        loss = build_loss(
+            config["loss"], config["model"], config["label_smoothing"], config["backend"]
+        )
     if config["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
     else:  # the fused Adam step is a third of the default's cost for these small tensors

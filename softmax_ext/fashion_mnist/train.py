@@ -48,8 +48,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--loss",
         choices=LOSSES,
         default="fused",
-        help="fused: softmax_ext.CrossEntropyLoss; torch: torch.nn.CrossEntropyLoss "
-        "(default: %(default)s)",
+        help="fused: softmax_ext.CrossEntropyLoss; torch: torch.nn.CrossEntropyLoss; "
+        "fused-linear: the output layer and the loss as one softmax_ext.LinearCrossEntropyLoss "
+        "(softmax and mlp models) (default: %(default)s)",
     )
     ap.add_argument(
         "--backend",
@@ -251,7 +252,7 @@ def _train(config: dict, data, state: Optional[dict], out: Path, device: torch.d
         trainer.test_x,
         trainer.test_y,
         trainer.progress.history,
-        config["backend"] if config["loss"] == "fused" else "torch",
+        config["backend"] if config["loss"] != "torch" else "torch",
         out,
     )
     seconds = sum(e["seconds"] for e in trainer.progress.history)
