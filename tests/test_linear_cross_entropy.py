@@ -150,11 +150,14 @@ def test_gradcheck_and_gradgradcheck(backend, device, kind, reduction):
         tt = args[3] if kind == "soft" else t
         return se.linear_cross_entropy(
             xx, ww, tt, linear_bias=bb, weight=cw, reduction=reduction, label_smoothing=0.1,
-            lse_square_scale=0.1, softcap=3.0, chunk_size=2, backend=backend,
+            lse_square_scale=0.1, softcap=3.0, chunk_size=3, backend=backend,
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, leaves)
-    assert torch.autograd.gradgradcheck(fn, leaves)
+    if backend == "cpp":
+        # second derivatives go through torch's ops on the whole logits whatever the backend
+        # (and the interpreter would take minutes over the forwards gradgradcheck repeats)
+        assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
