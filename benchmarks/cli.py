@@ -1,7 +1,8 @@
 """Command line of ``python -m benchmarks``: parse flags, run a suite, write the results folder.
 
 Suites: the kernel sweep (default), ``--suite core`` (the core targets, issue 12's small-shape
-goals among them) and ``--trainer`` (Fashion-MNIST trainers, wall time of 10 epochs). Kernels are
+goals among them), ``--suite linear`` (the fused linear + cross-entropy, see linear_ce.py) and
+``--trainer`` (Fashion-MNIST trainers, wall time of 10 epochs). Kernels are
 timed in loop mode and, at small shapes, in single mode (``--modes``).
 """
 
@@ -50,11 +51,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--suite",
-        choices=("sweep", "core"),
+        choices=("sweep", "core", "linear"),
         default="sweep",
         help="sweep: every op/shape/dtype/direction selected; core: fp32 fwd+bwd of "
         "cross_entropy at 8192x32000 and 256x10 and of softmax/log_softmax at 256x10, with the "
-        "target ratios",
+        "target ratios; linear: the fused linear + cross-entropy against torch's "
+        "linear_cross_entropy (CPU; --quick: one small case)",
     )
     ap.add_argument(
         "--trainer",
@@ -315,6 +317,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             timeout_s=args.trainer_timeout,
             reps=args.trainer_reps,
         )
+    if args.suite == "linear":
+        from .linear_ce import CASES, QUICK_CASES, run_linear
+
+        device = pick_device(args.device)
+        if device.type != "cpu":
+            print("python -m benchmarks: --suite linear runs on the CPU", file=sys.stderr)
+            return 2
+        folder = args.out if args.out is not None else RESULTS_ROOT / slug(device)
+        run_linear(
+            folder,
+            QUICK_CASES if args.quick else CASES,
+            reps=args.reps or 3,
+            memory=not args.no_memory,
+            plots=not args.no_plots,
+        )
+        return 0
     try:
         cfg = build_config(args)
     except (ValueError, RuntimeError) as err:

@@ -290,31 +290,47 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.opts = LossOptions(*opts)
     ctx.chunk_size, ctx.fold, ctx.backend = chunk_size, fold, backend
     ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w, b, target, weight, lse, gi, gw, gb)
+    ctx.save_for_backward(x, w, b, target, weight, lse)
+    # The folded gradients are held on ctx (detached: no reference cycle through their grad_fn),
+    # not saved: the first backward scales them in place and hands them over, so that autograd
+    # can take them as the .grad tensors instead of a scaled copy of each (a weight-sized buffer).
+    ctx.folded = (gi.detach(), gw.detach(), gb.detach()) if fold else None
 
 
 def _backward(ctx, g_loss: Tensor, g_lse: Optional[Tensor], *_unused) -> tuple:
-    x, w, b, target, weight, lse, gi, gw, gb = ctx.saved_tensors
+    x, w, b, target, weight, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     o = ctx.opts
+    folded, ctx.folded = ctx.folded, None  # a second backward (retain_graph) recomputes
     if torch.is_grad_enabled():  # create_graph: a second derivative will be asked for
         grads = _reference_grads(x, w, b, target, weight, o, g_loss, g_lse, need)
     elif (
-        ctx.fold
+        folded is not None
         and all(f or not n for f, n in zip(fold_mask(ctx.fold), need[:3], strict=True))
         and not need[3]
     ):
         # every gradient asked for was folded in (the wrapper's choice; else recompute below)
+        gi, gw, gb = folded
+        del folded
         g = g_loss.to(acc_dtype(x.dtype))
+        # In place on plain tensors; a traced backward (torch.compile, AOT: tensor subclasses)
+        # must not mutate what the forward returned, and gets the scaled copies.
+        eager = type(g_loss) is torch.Tensor and type(gw) is torch.Tensor
         grads = [
-            (gi * g.to(gi.dtype)) if need[0] else None,
-            (gw * g).to(w.dtype) if need[1] else None,
-            (gb * g).to(b.dtype) if (need[2] and b is not None) else None,
+            _scaled(gi, g.to(gi.dtype), eager, x.dtype) if need[0] else None,
+            _scaled(gw, g, eager, w.dtype) if need[1] else None,
+            _scaled(gb, g, eager, b.dtype) if (need[2] and b is not None) else None,
             None,
         ]
+        del gi, gw, gb
     else:
         grads = _recompute_grads(x, w, b, target, weight, o, lse, g_loss, g_lse, ctx, need)
     return (*grads, None, *([None] * (len(LossOptions._fields) + 3)))
+
+
+def _scaled(t: Tensor, g: Tensor, in_place: bool, dtype: torch.dtype) -> Tensor:
+    """``t * g`` in ``dtype``, reusing ``t``'s memory when ``in_place``."""
+    return (t.mul_(g) if in_place else t * g).to(dtype)
 
 
 def _recompute_grads(x, w, b, target, weight, o, lse, g_loss, g_lse, ctx, need) -> List:

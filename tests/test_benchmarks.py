@@ -466,3 +466,27 @@ def test_dtypes_and_default_sweep():
         (256, 10, "float32", "softmax"),
         (256, 10, "float32", "log_softmax"),
     ]
+
+
+def test_linear_suite_records_goals_and_plot(tmp_path):
+    from benchmarks import linear_ce
+
+    doc = linear_ce.run_linear(
+        tmp_path, [(64, 16, 100, "float32")], reps=2, memory=False, log=lambda *_: None
+    )
+    names = [r["impl"] for r in doc["records"]]
+    assert names[:2] == ["softmax_ext", "linear + softmax_ext.cross_entropy"]
+    assert all(r["median_ms"] > 0 and r["reps"] == 2 for r in doc["records"])
+    goal = doc["goals"][0]
+    assert goal["case"] == (64, 16, 100, "float32") and "time_ratio" in goal
+    assert (tmp_path / linear_ce.JSON_NAME).exists() and (tmp_path / linear_ce.PLOT_NAME).exists()
+    assert "| 64 x 16 -> 100, float32 | softmax_ext |" in linear_ce.markdown(doc)
+    mem = linear_ce.measure_memory("softmax_ext", 64, 16, 100, "float32")
+    assert set(mem) == {"peak_growth_bytes", "grad_bytes", "extra_bytes"}
+    assert mem["grad_bytes"] == (64 * 16 + 100 * 16) * 4
+    records = [
+        {**r, "memory": {"extra_bytes": 10**5 if r["impl"] == "softmax_ext" else 10**6}}
+        for r in doc["records"]
+    ]
+    (g,) = linear_ce.evaluate(records)
+    assert g["memory_share"] == pytest.approx(10**5 / (64 * 100 * 4)) and g["memory_pass"] is False

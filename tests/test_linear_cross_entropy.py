@@ -225,6 +225,9 @@ def test_empty_rows_and_all_ignored(backend, device, kind):
     assert (gx == 0).all() and (gw == 0).all()
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch.nn.LinearCrossEntropyLoss: 2.13+"
+)
 def test_matches_torch_module_and_state_dict(backend, device):
     torch_mod = torch.nn.LinearCrossEntropyLoss(
         H,
@@ -343,3 +346,19 @@ def test_peak_memory_stays_chunk_sized():
     grown = int(out.stdout.split()[-1])
     logits_bytes = 2048 * 50000 * 4
     assert grown < logits_bytes / 8, (grown, logits_bytes)
+
+
+def test_backward_twice_with_retain_graph(backend, device):
+    """The folded gradients are scaled in place by the first backward; a second backward through
+    the same graph (retain_graph) recomputes them and gives the same values."""
+    x, w, b, t, cw = make("2d", "index", device)
+    leaves = leaves_of(x, w, b, t)
+    loss = se.linear_cross_entropy(
+        *leaves[:2], t, linear_bias=leaves[2], weight=cw, backend=backend
+    )
+    first = torch.autograd.grad(loss * 3.0, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss * 3.0, leaves)
+    theirs = torch.autograd.grad(reference(x, w, b, t, cw)[0] * 3.0, leaves)
+    for a, c, e in zip(first, second, theirs, strict=True):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(c, e)
