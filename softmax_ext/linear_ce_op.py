@@ -291,6 +291,9 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.chunk_size, ctx.fold, ctx.backend = chunk_size, fold, backend
     ctx.has_bias = b is not None
     ctx.save_for_backward(x, w, b, target, weight, lse)
+    # Gradients of unused outputs stay None: materialised they would be zero tensors of the
+    # gradient outputs' sizes (a weight-sized one among them) that nothing reads.
+    ctx.set_materialize_grads(False)
     # The folded gradients are held on ctx (detached: no reference cycle through their grad_fn),
     # not saved: the first backward scales them in place and hands them over, so that autograd
     # can take them as the .grad tensors instead of a scaled copy of each (a weight-sized buffer).
@@ -302,6 +305,9 @@ def _backward(ctx, g_loss: Tensor, g_lse: Optional[Tensor], *_unused) -> tuple:
     need = ctx.needs_input_grad
     o = ctx.opts
     folded, ctx.folded = ctx.folded, None  # a second backward (retain_graph) recomputes
+    if g_loss is None:  # only the log-sum-exp output is differentiated
+        shape = (x.shape[0],) if o.reduction == 0 else ()
+        g_loss = torch.zeros(shape, dtype=acc_dtype(x.dtype), device=x.device)
     if torch.is_grad_enabled():  # create_graph: a second derivative will be asked for
         grads = _reference_grads(x, w, b, target, weight, o, g_loss, g_lse, need)
     elif (

@@ -362,3 +362,15 @@ def test_backward_twice_with_retain_graph(backend, device):
     for a, c, e in zip(first, second, theirs, strict=True):
         torch.testing.assert_close(a, e)
         torch.testing.assert_close(c, e)
+
+
+def test_gradient_of_the_lse_output_alone(backend, device):
+    x, w, b, t, cw = make("2d", "index", device)
+    leaves = leaves_of(x, w, b, t)
+    _, lse = se.linear_cross_entropy(
+        *leaves[:2], t, linear_bias=leaves[2], weight=cw, return_lse=True, backend=backend
+    )
+    ours = torch.autograd.grad(lse.sum(), leaves)
+    theirs = torch.autograd.grad(reference(x, w, b, t, cw)[2].sum(), leaves)
+    for a, e in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, e)
