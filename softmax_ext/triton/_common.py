@@ -39,25 +39,36 @@ def max_block_c() -> int:
     return value
 
 
-def tile_shape(n_rows: int, n_classes: int) -> Tuple[int, int, bool]:
+#: The widest class block of the soft-capping kernels: each element carries a tanh's temporaries
+#: (triton 3.6 spilled in the soft-target forward with 8192-wide blocks, 16 per thread).
+SOFTCAP_MAX_BLOCK_C = 4096
+
+
+def tile_shape(n_rows: int, n_classes: int, softcap: float = 0.0) -> Tuple[int, int, bool]:
     """(BLOCK_R, BLOCK_C, SINGLE) for ``n_rows`` rows of ``n_classes`` classes.
 
     SINGLE is true when a whole row fits in one class block, so the row is loaded only once.
-    BLOCK_R is at most :data:`MAX_BLOCK_R`. (Softmax along a dim that is not last has its own,
+    BLOCK_R is at most :data:`MAX_BLOCK_R`; with ``softcap`` BLOCK_C is at most
+    :data:`SOFTCAP_MAX_BLOCK_C`. (Softmax along a dim that is not last has its own,
     ``softmax.strided_tile_shape``.)
     """
     cap = max_block_c()
+    if softcap:
+        cap = min(cap, SOFTCAP_MAX_BLOCK_C)
     block_c = min(triton.next_power_of_2(max(n_classes, 1)), cap)
     block_r = min(triton.next_power_of_2(max(n_rows, 1)), TILE // block_c, MAX_BLOCK_R)
     return max(1, block_r), block_c, n_classes <= block_c
 
 
-def num_warps(block_r: int, block_c: int) -> int:
+def num_warps(block_r: int, block_c: int, softcap: float = 0.0) -> int:
     """Warps for a tile (4 to 16): enough threads that each holds at most 16 elements of a one-row
     tile, or 8 of a tile of several rows, whose per-row values (target, scale, log-sum-exp, row
     offsets) each thread also keeps for every row it touches. Short rows with 4 warps took 200 to
-    250 registers in the backward kernels; `make compile-gpu` shows the counts."""
+    250 registers in the backward kernels; `make compile-gpu` shows the counts. With ``softcap``
+    (a tanh per element) half as many elements per thread."""
     per_thread = 16 if block_r == 1 else 8
+    if softcap:
+        per_thread //= 2
     return max(4, min(16, block_r * block_c // (32 * per_thread)))
 
 

@@ -237,7 +237,7 @@ def ce_index_fwd(
     lse = logits.new_empty((n_rows,), dtype=torch.float64)
     if n_rows == 0:
         return loss, lse
-    block_r, block_c, single = tile_shape(n_rows, n_classes)
+    block_r, block_c, single = tile_shape(n_rows, n_classes, o.softcap)
     with on_device(logits):
         _ce_index_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
             logits,
@@ -260,7 +260,7 @@ def ce_index_fwd(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
-            num_warps=num_warps(block_r, block_c),
+            num_warps=num_warps(block_r, block_c, o.softcap),
         )
     return loss, lse
 
@@ -296,7 +296,7 @@ def ce_index_bwd(
     with_smooth = o.label_smoothing > 0.0
     # sum(w) as a device tensor: no host synchronisation.
     wsum = weight.sum() if (weight is not None and with_smooth) else lse
-    block_r, block_c, _ = tile_shape(n_rows, n_classes)
+    block_r, block_c, _ = tile_shape(n_rows, n_classes, o.softcap)
     with on_device(logits):
         _ce_index_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
             grad_loss,
@@ -325,6 +325,6 @@ def ce_index_bwd(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
-            num_warps=num_warps(block_r, block_c),
+            num_warps=num_warps(block_r, block_c, o.softcap),
         )
     return grad

@@ -205,7 +205,7 @@ def ce_soft_fwd(
     lse = logits.new_empty((n_rows,), dtype=torch.float64)
     if n_rows == 0:
         return loss, lse, tsum
-    block_r, block_c, single = tile_shape(n_rows, n_classes)
+    block_r, block_c, single = tile_shape(n_rows, n_classes, o.softcap)
     with on_device(logits):
         _ce_soft_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
             logits,
@@ -227,7 +227,7 @@ def ce_soft_fwd(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0), target.stride(0)),
-            num_warps=num_warps(block_r, block_c),
+            num_warps=num_warps(block_r, block_c, o.softcap),
         )
     return loss, lse, tsum
 
@@ -259,7 +259,7 @@ def ce_soft_bwd(
     if grad.numel() == 0:
         return grad
     lse = lse.to(torch.float64)
-    block_r, block_c, _ = tile_shape(n_rows, n_classes)
+    block_r, block_c, _ = tile_shape(n_rows, n_classes, o.softcap)
     with on_device(logits):
         _ce_soft_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
             grad_loss,
@@ -287,6 +287,6 @@ def ce_soft_bwd(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0), target.stride(0)),
-            num_warps=num_warps(block_r, block_c),
+            num_warps=num_warps(block_r, block_c, o.softcap),
         )
     return grad
