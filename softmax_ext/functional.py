@@ -132,6 +132,7 @@ def cross_entropy(
     return_z_loss: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Cross-entropy between logits and class-index or class-probability targets.
 
@@ -161,11 +162,36 @@ def cross_entropy(
         return_lse: also return each row's log-sum-exp (the unreduced loss's shape; float32 for
             float16/bfloat16/float32 logits, float64 for float64), differentiable.
         backend: "auto" (C++ on CPU, Triton on CUDA), "cpp", "triton" or "torch".
+        process_group: vocabulary parallelism (flash-attn's name): ``input`` holds this rank's
+            contiguous slice of the classes (ranks in order, slices of any size), ``target`` the
+            global class indices (the same on every rank) or this rank's slice of the class
+            probabilities, ``weight`` the whole (V,) vector. Every rank returns the loss of the
+            whole logits and gets its slice of the gradient (softmax_ext.parallel). A DTensor
+            ``input`` sharded on the class dim of a 1-D mesh takes this path by itself.
 
     Returns:
         The loss; with ``return_z_loss`` and/or ``return_lse``, a tuple (loss, z_loss, lse) of
         those asked for, in that order.
     """
+    if process_group is not None or _is_dtensor(input):
+        from . import parallel as _parallel
+
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
+        return _parallel.cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            return_z_loss,
+            return_lse,
+            backend,
+            process_group,
+        )
     # The checks below run on every training step: at a 256 x 10 batch each costs a noticeable
     # share of the step, hence the cheap common cases first.
     _check_backend(backend)
@@ -299,6 +325,139 @@ def cross_entropy(
             lse = lse.reshape(row_shape).to(acc_dtype(input.dtype))
             return with_extras(loss, lse, None if soft else target)
     return loss  # in the logits' dtype already (the operator rounds it once)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # a type check without importing torch.distributed.tensor on every call
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def _parallel_prepare(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    backend: str,
+) -> dict:
+    """The local argument checks and views of the vocabulary-parallel path (softmax_ext.parallel
+    runs them before its first collective and raises their error on every rank). The checks are
+    cross_entropy's, with ``input`` one slice of the classes: the weight's length and the
+    targets' range are checked against the whole vocabulary after the metadata exchange."""
+    _check_backend(backend)
+    if backend == "torch":
+        raise NotImplementedError(
+            "softmax_ext.cross_entropy: backend='torch' has no process_group path; use 'auto'"
+        )
+    _check_lse_square_scale(lse_square_scale)
+    if softcap is not None:
+        _check_softcap(softcap)
+    reduction = _REDUCTIONS[_Reduction.get_enum(reduction)]
+    if label_smoothing != label_smoothing:
+        label_smoothing = 0.0
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(
+            f"ignore_index must fit in a 64-bit signed integer (as torch's), got {ignore_index}"
+        )
+    input, target, weight = _autocast_fp32(input), _autocast_fp32(target), _autocast_fp32(weight)
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have a class dimension, got a 0-d tensor")
+    _check_floating(input, "cross_entropy")
+    if target.device != input.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found input on {input.device} "
+            f"and target on {target.device}"
+        )
+    soft = target.shape == input.shape and target.is_floating_point()
+    if soft:
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        target = target.to(input.dtype)
+    elif target.is_floating_point():
+        raise RuntimeError(
+            "softmax_ext.cross_entropy(process_group=...): class probabilities must have the "
+            f"shape of this rank's logits {list(input.shape)}, got {list(target.shape)}"
+        )
+    else:
+        _index_target_checks(input, target)
+    if weight is not None:
+        if weight.dim() != 1:
+            raise RuntimeError(
+                "weight tensor should be defined either for all classes or no classes but got "
+                f"weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.dtype != input.dtype and not soft:
+            raise RuntimeError(
+                f"expected scalar type {_dtype_name(input.dtype)} but found "
+                f"{_dtype_name(weight.dtype)}"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and weight on {weight.device}"
+            )
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "softmax_ext.cross_entropy(process_group=...): no gradient for the class weights "
+                "(each rank would hold only its slice's share of it); pass a weight that does "
+                "not require grad"
+            )
+    row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size()
+    return {
+        "logits": _rows_view(input),
+        "rows_target": _rows_view(target) if soft else target.reshape(-1).long(),
+        "weight": weight,
+        "soft": soft,
+        "code": backend_code(backend, input.device),
+        "row_shape": row_shape,
+        "reduction": reduction,
+        "label_smoothing": float(label_smoothing),
+    }
+
+
+def _parallel_finish(
+    loss: Tensor,
+    lse: Tensor,
+    denom: Optional[Tensor],
+    index_target: Optional[Tensor],
+    row_shape: torch.Size,
+    out_dtype: torch.dtype,
+    ignore_index: int,
+    reduction: str,
+    lse_square_scale: float,
+    return_z_loss: bool,
+    return_lse: bool,
+) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """Reduce the per-row float64 losses of the vocabulary-parallel path as torch does (a weighted
+    mean divides by ``denom``, the counted targets' weights; soft targets by the rows), round once
+    and add the extras, as :func:`cross_entropy` does."""
+    if reduction == "none":
+        loss = loss.reshape(row_shape)
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.sum() / (denom if denom is not None else loss.numel())
+    acc = acc_dtype(out_dtype)
+    if not (lse_square_scale or return_z_loss or return_lse):
+        return loss.to(out_dtype)
+    loss = loss.to(acc if lse_square_scale else out_dtype)
+    target = None if index_target is None else index_target.reshape(row_shape)
+    return _with_lse_terms(
+        loss,
+        lse.reshape(row_shape).to(acc),
+        target,
+        ignore_index,
+        reduction,
+        lse_square_scale,
+        return_z_loss,
+        return_lse,
+        out_dtype,
+    )
 
 
 def linear_cross_entropy(
