@@ -476,6 +476,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
 ) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without ever
     holding the logits: rows are processed in chunks (one matmul into a reused buffer, the fused
@@ -496,6 +497,12 @@ def linear_cross_entropy(
             logits take at most 32 MiB and 1/32 of the whole logits.
         backend: "auto" (C++ kernels on CPU, Triton on CUDA), "cpp", "triton" or "torch" (torch's
             unfused ops).
+        process_group: vocabulary parallelism: ``linear_weight`` (and ``linear_bias``) hold this
+            rank's contiguous rows of the (V, H) projection, ranks in order; ``input`` and
+            class-index targets are the same on every rank, class probabilities this rank's
+            slice; ``weight`` the whole (V,) vector. Every rank gets the loss over the whole
+            vocabulary, the full input gradient and its slice's weight and bias gradients
+            (softmax_ext.parallel).
 
     Returns:
         The loss in the input's dtype; with ``return_z_loss`` and/or ``return_lse``, a tuple
@@ -503,8 +510,28 @@ def linear_cross_entropy(
         ``linear_bias`` and class-probability targets; the weight and bias gradients of float16 and
         bfloat16 accumulate in float32.
     """
-    _check_backend(backend)
     ignore_index = -100 if ignore_index is None else ignore_index
+    if process_group is not None:
+        from . import parallel as _parallel
+
+        return _parallel.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            return_z_loss,
+            return_lse,
+            chunk_size,
+            backend,
+            process_group,
+        )
+    _check_backend(backend)
     reduction = _REDUCTIONS[_Reduction.get_enum(reduction)]
     _check_lse_square_scale(lse_square_scale)
     if softcap is not None:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import linear_ce_op as _linear_ce
 from . import ops as _ops
 
 _INDEX_FIELDS = 3  # packed per row: exp(lse_r - M), target logit, smoothing sum
@@ -188,14 +189,14 @@ def _capped(z: Tensor, softcap: float) -> Tensor:
     return z if not softcap else torch.tanh(z / softcap) * softcap
 
 
-def _global_lse(lse_r: Tensor, group) -> Tuple[Tensor, Tensor]:
-    """All-reduce MAX of the local log-sum-exps: (M, M where finite else 0) in float64."""
-    m = lse_r.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return m, torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+def _zero_rows(logits: Tensor) -> Tensor:
+    """A (rows, C) zero target as a stride-0 view of one row (unit class stride)."""
+    return logits.new_zeros(1, logits.shape[1]).expand(logits.shape[0], -1)
 
 
-class _Config(NamedTuple):
+class Config(NamedTuple):
+    """What the local computations of one vocabulary-parallel call need besides tensors."""
+
     shard: Shard
     ignore_index: int
     label_smoothing: float
@@ -203,197 +204,246 @@ class _Config(NamedTuple):
     code: int  # the kernels' backend code (softmax_ext.ops.backend_code)
     group: object
 
+    def kernel(self, name: str):
+        return _ops.kernel(name, self.code)
 
-def _kernel(name: str, cfg: _Config):
-    return _ops.kernel(name, cfg.code)
+    def local_weight(self, weight: Optional[Tensor]) -> Optional[Tensor]:
+        """This rank's slice of the whole (V,) class weights (contiguous, accumulation dtype)."""
+        if weight is None:
+            return None
+        return weight[self.shard.offset : self.shard.offset + self.shard.size].contiguous()
 
 
-class _IndexCE(torch.autograd.Function):
-    """Per-row loss and global log-sum-exp (both float64) of class-index targets, vocab-parallel.
+def _target_slot(target: Tensor, cfg: Config) -> Tuple[Tensor, Tensor, Tensor]:
+    """(counted, owner, local index): rows that count, rows whose target is in this slice, and
+    the target's index in the slice (clamped to a valid one elsewhere)."""
+    sh = cfg.shard
+    counted = target != cfg.ignore_index
+    owner = counted & (target >= sh.offset) & (target < sh.offset + sh.size)
+    return counted, owner, (target - sh.offset).clamp(0, max(sh.size - 1, 0))
 
-    The local smoothing sum comes from the soft-target kernel run on a zero target row (a stride-0
-    view, never materialised) with label smoothing 1: its loss is then ``sum_c w_c (lse_r - z_c) /
-    size`` with no target term, whatever the logits (a target logit of -inf would make an index
-    kernel's 0 * inf a NaN).
+
+def index_partials(
+    logits: Tensor, target: Tensor, w_local: Optional[Tensor], cfg: Config, out: Tensor
+) -> None:
+    """Local per-row partials of class-index targets into ``out`` (rows, 3) float64: the slice's
+    log-sum-exp, the target logit (0 where another rank holds it) and, with smoothing, the
+    smoothing sum ``sum_c w_c (lse_r - z_c)`` over the slice.
+
+    The smoothing sum comes from the soft-target kernel run on a zero target row (a stride-0 view,
+    never materialised) with label smoothing 1: its loss is then that sum / size with no target
+    term, whatever the logits (a target logit of -inf would make an index kernel's 0 * inf NaN).
     """
+    sh = cfg.shard
+    if sh.size == 0:
+        out[:, 0], out[:, 1:] = -math.inf, 0.0
+        return
+    if cfg.label_smoothing > 0:
+        sums, lse_r, _ = cfg.kernel("ce_soft_fwd")(
+            logits, _zero_rows(logits), w_local, *_options(cfg.softcap, 1.0)
+        )
+        out[:, 2] = sums.double() * sh.size
+    else:  # every row "ignored" for the kernel: the log-sum-exp alone
+        _, lse_r = cfg.kernel("ce_index_fwd")(
+            logits, torch.full_like(target, -100), w_local, *_options(cfg.softcap, 0.0)
+        )
+        out[:, 2] = 0.0
+    out[:, 0] = lse_r
+    _, owner, local_t = _target_slot(target, cfg)
+    zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
+    out[:, 1] = torch.where(owner, zt, torch.zeros_like(zt))
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor], cfg: _Config):
-        sh, eps = cfg.shard, cfg.label_smoothing
-        rows = logits.shape[0]
-        counted = target != cfg.ignore_index
-        w_local = None if weight is None else weight[sh.offset : sh.offset + sh.size].contiguous()
-        if sh.size == 0:
-            sums = logits.new_zeros(rows, dtype=torch.float64)
-            lse_r = logits.new_full((rows,), -math.inf, dtype=torch.float64)
-        elif eps > 0:
-            sums, lse_r, _ = _kernel("ce_soft_fwd", cfg)(
-                logits, _zero_rows(logits), w_local, *_options(cfg.softcap, 1.0)
-            )
-        else:  # every row "ignored": the log-sum-exp alone
-            _, lse_r = _kernel("ce_index_fwd", cfg)(
-                logits, torch.full_like(target, -100), w_local, *_options(cfg.softcap, 0.0)
-            )
-        owner = counted & (target >= sh.offset) & (target < sh.offset + sh.size)
-        local_t = (target - sh.offset).clamp(0, max(sh.size - 1, 0))
-        if sh.size > 0:
-            zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
-            zt = torch.where(owner, zt, torch.zeros_like(zt))
-        else:
-            zt = torch.zeros_like(lse_r)
-        m, ms = _global_lse(lse_r, cfg.group)
-        packed = torch.empty(rows, _INDEX_FIELDS, dtype=torch.float64, device=logits.device)
-        packed[:, 0] = torch.exp(lse_r - ms)
-        packed[:, 1] = zt
-        w_sum_local = float(sh.size) if w_local is None else float(w_local.double().sum())
+
+def soft_partials(
+    logits: Tensor, target: Tensor, w_local: Optional[Tensor], cfg: Config, out: Tensor
+) -> None:
+    """Local per-row partials of this slice's class probabilities into ``out`` (rows, 3) float64:
+    the slice's log-sum-exp, ``lam * sum_c w_c q'_c (lse_r - z_c)`` and ``lam * sum_c w_c q'_c``
+    with q' the targets smoothed towards the whole vocabulary (:func:`_soft_factors`)."""
+    sh = cfg.shard
+    if sh.size == 0:
+        out[:, 0], out[:, 1:] = -math.inf, 0.0
+        return
+    eps_l, lam = _soft_factors(cfg.label_smoothing, sh.size, sh.total)
+    loss_r, lse_r, tsum_r = cfg.kernel("ce_soft_fwd")(
+        logits, target, w_local, *_options(cfg.softcap, eps_l)
+    )
+    out[:, 0] = lse_r
+    out[:, 1] = loss_r.double() * lam
+    out[:, 2] = tsum_r.double() * lam
+
+
+def combine(
+    partials: Tensor, target: Tensor, weight: Optional[Tensor], soft: bool, cfg: Config
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The whole vocabulary's per-row loss, log-sum-exp L and (index targets) the target's class
+    weight (0 on ignored rows; soft targets: the global ``sum_c w_c q'_c``), from every rank's
+    partials: an all-reduce MAX of the local log-sum-exps (M), then one all-reduce SUM of the
+    packed (rows, 3) partials shifted to M (each shifted term is >= 0: nothing cancels)."""
+    sh, eps = cfg.shard, cfg.label_smoothing
+    lse_r = partials[:, 0]
+    m = lse_r.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=cfg.group)
+    ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    packed = torch.empty_like(partials)
+    packed[:, 0] = torch.exp(lse_r - ms)
+    gap = ms - lse_r  # >= 0; +inf for a slice whose row is all -inf
+    if soft:
+        # lam * sum_c w_c q'_c (M - z_c) over the slice
+        shifted = partials[:, 1] + partials[:, 2] * gap
+        packed[:, 1] = torch.where(partials[:, 2] == 0, partials[:, 1], shifted)
+        packed[:, 2] = partials[:, 2]
+    else:
+        packed[:, 1] = partials[:, 1]
         if eps > 0:
-            # sum_c w_c (M - z_c) over the slice = sums * size + W_r (M - lse_r): non-negative terms
-            smooth = sums.double() * sh.size + w_sum_local * (ms - lse_r)
-            inf = math.inf if w_sum_local else 0.0  # a slice of -inf logits: -w * -inf
-            packed[:, 2] = torch.where(torch.isneginf(lse_r), inf, smooth)
+            w_local = cfg.local_weight(weight)
+            w_sum = float(sh.size) if w_local is None else float(w_local.double().sum())
+            # sum_c w_c (M - z_c) over the slice; a slice of -inf logits gives +inf (as torch)
+            smooth = partials[:, 2] + w_sum * gap
+            packed[:, 2] = torch.where(torch.isneginf(lse_r), math.inf if w_sum else 0.0, smooth)
         else:
             packed[:, 2] = 0.0
-        dist.all_reduce(packed, group=cfg.group)
-        lse = ms + torch.log(packed[:, 0])
-        w_t = (
-            torch.ones_like(lse)
-            if weight is None
-            else weight.double()[target.clamp(0, sh.total - 1)]
-        )
-        w_t = torch.where(counted, w_t, torch.zeros_like(w_t))
-        loss = w_t * (lse - packed[:, 1])
+    dist.all_reduce(packed, group=cfg.group)
+    lse = ms + torch.log(packed[:, 0])
+    if soft:
+        return packed[:, 1] + packed[:, 2] * (lse - ms), lse, packed[:, 2]
+    counted, _, _ = _target_slot(target, cfg)
+    w_t = (
+        torch.ones_like(lse) if weight is None else weight.double()[torch.where(counted, target, 0)]
+    )
+    w_t = torch.where(counted, w_t, torch.zeros_like(w_t))
+    loss = w_t * (lse - packed[:, 1])
+    if eps > 0:
         w_all = float(sh.total) if weight is None else float(weight.double().sum())
-        if eps > 0:
-            # sum over all classes of w_c (L - z_c) = (shifted sums) + W (L - M)
-            smooth = packed[:, 2] + w_all * (lse - ms)
-            loss = (1.0 - eps) * loss + (eps / sh.total) * smooth
-        loss = torch.where(counted, loss, torch.zeros_like(loss))
-        ctx.save_for_backward(logits, target, lse, w_t, counted, owner, local_t, w_local)
-        ctx.cfg, ctx.w_sums = cfg, (w_sum_local, w_all)
-        ctx.mark_non_differentiable(w_t)
-        return loss, lse, w_t
+        # the sum over all classes of w_c (L - z_c): the shifted sums + W (L - M)
+        loss = (1.0 - eps) * loss + (eps / sh.total) * (packed[:, 2] + w_all * (lse - ms))
+    return torch.where(counted, loss, torch.zeros_like(loss)), lse, w_t
+
+
+def index_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    w_t: Tensor,
+    g: Tensor,
+    gl: Optional[Tensor],
+    cfg: Config,
+) -> Tensor:
+    """d/dlogits of sum_i g[i] loss[i] + gl[i] L[i] for this slice (class-index targets), one
+    pass of the local backward kernel given the global L, plus the one-hot term (O(rows)):
+    ``coef p_c - g eps / V w_c - g (1 - eps) w_t [c == t]`` with p = exp(z - L)."""
+    sh, eps = cfg.shard, cfg.label_smoothing
+    acc = _ops.acc_dtype(logits.dtype)
+    counted, owner, local_t = _target_slot(target, cfg)
+    w_local = cfg.local_weight(weight)
+    g = torch.where(counted, g.double(), 0.0)
+    gl = torch.zeros_like(g) if gl is None else gl.double()
+    w_all = float(sh.total) if weight is None else float(weight.double().sum())
+    coef = g * ((1.0 - eps) * w_t + (eps / sh.total) * w_all) + gl
+    if eps > 0:
+        # the soft kernel on the zero target row, smoothing 1 and tsum 1:
+        # (k_g + k_gl) p - k_g / size * w_c
+        k_g = g * (eps * sh.size / sh.total)
+        grad = cfg.kernel("ce_soft_bwd")(
+            k_g.to(acc),
+            logits,
+            _zero_rows(logits),
+            w_local,
+            lse,
+            torch.ones_like(lse, dtype=acc),
+            (coef - k_g).to(acc),
+            *_options(cfg.softcap, 1.0),
+        )
+    else:  # every row "ignored" for the kernel: coef * p alone
+        grad = cfg.kernel("ce_index_bwd")(
+            torch.zeros_like(lse, dtype=acc),
+            logits,
+            torch.full_like(target, -100),
+            w_local,
+            lse,
+            coef.to(acc),
+            *_options(cfg.softcap, 0.0),
+        )
+    onehot = g * (1.0 - eps) * w_t
+    if cfg.softcap:
+        zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
+        onehot = onehot * (1.0 - (zt / cfg.softcap) ** 2)
+    onehot = torch.where(owner, onehot, torch.zeros_like(onehot))
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    grad.index_put_((rows, local_t), -onehot.to(grad.dtype), accumulate=True)
+    return grad
+
+
+def soft_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    tsum: Tensor,
+    g: Tensor,
+    gl: Optional[Tensor],
+    cfg: Config,
+) -> Tensor:
+    """d/dlogits of sum_i g[i] loss[i] + gl[i] L[i] for this slice of soft targets: the local
+    backward kernel given the global L and tsum / lam, with g * lam:
+    ``g lam (tsum / lam p - w q_l) = g (tsum p - w q')``."""
+    eps_l, lam = _soft_factors(cfg.label_smoothing, cfg.shard.size, cfg.shard.total)
+    acc = _ops.acc_dtype(logits.dtype)
+    return cfg.kernel("ce_soft_bwd")(
+        (g.double() * lam).to(acc),
+        logits,
+        target,
+        cfg.local_weight(weight),
+        lse,
+        (tsum / lam).to(acc),
+        None if gl is None else gl.to(acc),
+        *_options(cfg.softcap, eps_l),
+    )
+
+
+def soft_target_grad(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor, g: Tensor, cfg: Config
+) -> Tensor:
+    """d/dq of sum_i g[i] loss[i] for this slice of soft targets: (1 - eps) w_c (L - z_c) g."""
+    z = _capped(logits.double(), cfg.softcap)
+    grad = (lse[:, None] - z) * (g.double() * (1.0 - cfg.label_smoothing))[:, None]
+    w_local = cfg.local_weight(weight)
+    if w_local is not None:
+        grad = grad * w_local.double()
+    return grad.to(target.dtype)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row loss and log-sum-exp (float64) of the whole vocabulary from this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, soft: bool, cfg: Config):
+        partials = torch.empty(logits.shape[0], 3, dtype=torch.float64, device=logits.device)
+        local = soft_partials if soft else index_partials
+        local(logits, target, cfg.local_weight(weight), cfg, partials)
+        loss, lse, aux = combine(partials, target, weight, soft, cfg)
+        ctx.save_for_backward(logits, target, weight, lse, aux)
+        ctx.soft, ctx.cfg = soft, cfg
+        ctx.mark_non_differentiable(aux)
+        return loss, lse, aux
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss: Tensor, g_lse: Tensor, _g_wt):
-        logits, target, lse, w_t, counted, owner, local_t, w_local = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        sh, eps = cfg.shard, cfg.label_smoothing
-        w_sum_local, w_all = ctx.w_sums
-        if not ctx.needs_input_grad[0] or sh.size == 0:
-            return None, None, None, None
-        acc = _ops.acc_dtype(logits.dtype)
-        g = torch.zeros_like(lse) if g_loss is None else g_loss.double()
-        g = torch.where(counted, g, torch.zeros_like(g))
-        gl = torch.zeros_like(lse) if g_lse is None else g_lse.double()
-        # d loss / d z_c = coef * p_c - g eps / V * w_c - g (1 - eps) w_t [c == t], p = exp(z - L)
-        coef = g * ((1.0 - eps) * w_t + (eps / sh.total) * w_all) + gl
-        if eps > 0:
-            # the soft kernel on the zero target row, smoothing 1 and tsum 1:
-            # (k_g + k_gl) * p - k_g / size * w_c
-            k_g = g * (eps * sh.size / sh.total)
-            grad = _kernel("ce_soft_bwd", cfg)(
-                k_g.to(acc),
-                logits,
-                _zero_rows(logits),
-                w_local,
-                lse,
-                torch.ones_like(lse, dtype=acc),
-                (coef - k_g).to(acc),
-                *_options(cfg.softcap, 1.0),
-            )
-        else:  # every row "ignored": coef * p alone
-            grad = _kernel("ce_index_bwd", cfg)(
-                torch.zeros_like(lse, dtype=acc),
-                logits,
-                torch.full_like(target, -100),
-                w_local,
-                lse,
-                coef.to(acc),
-                *_options(cfg.softcap, 0.0),
-            )
-        # the target's one-hot term, on the rank that holds the target: O(rows)
-        onehot = g * (1.0 - eps) * w_t
-        if cfg.softcap:
-            zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
-            onehot = onehot * (1.0 - (zt / cfg.softcap) ** 2)
-        onehot = torch.where(owner, onehot, torch.zeros_like(onehot))
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        grad.index_put_((rows, local_t), -onehot.to(grad.dtype), accumulate=True)
-        return grad, None, None, None
-
-
-def _zero_rows(logits: Tensor) -> Tensor:
-    """A (rows, C) zero target as a stride-0 view of one row (unit class stride)."""
-    return logits.new_zeros(1, logits.shape[1]).expand(logits.shape[0], -1)
-
-
-class _SoftCE(torch.autograd.Function):
-    """Per-row loss and global log-sum-exp (float64) of this rank's slice of soft targets."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor], cfg: _Config):
-        sh, eps = cfg.shard, cfg.label_smoothing
-        rows = logits.shape[0]
-        w_local = None if weight is None else weight[sh.offset : sh.offset + sh.size].contiguous()
-        eps_l, lam = _soft_factors(eps, sh.size, sh.total)
-        if sh.size > 0:
-            loss_r, lse_r, tsum_r = _kernel("ce_soft_fwd", cfg)(
-                logits, target, w_local, *_options(cfg.softcap, eps_l)
-            )
-            loss_r, tsum_r = loss_r.double(), tsum_r.double()
-        else:
-            loss_r = tsum_r = logits.new_zeros(rows, dtype=torch.float64)
-            lse_r = logits.new_full((rows,), -math.inf, dtype=torch.float64)
-        m, ms = _global_lse(lse_r, cfg.group)
-        packed = torch.empty(rows, _SOFT_FIELDS, dtype=torch.float64, device=logits.device)
-        packed[:, 0] = torch.exp(lse_r - ms)
-        # sum_c w_c q'_c (M - z_c) over the slice: the local loss shifted by M - lse_r >= 0
-        shifted = lam * (loss_r + tsum_r * (ms - lse_r))
-        packed[:, 1] = torch.where(tsum_r == 0, lam * loss_r, shifted)
-        packed[:, 2] = lam * tsum_r
-        dist.all_reduce(packed, group=cfg.group)
-        lse = ms + torch.log(packed[:, 0])
-        tsum = packed[:, 2]
-        loss = packed[:, 1] + tsum * (lse - ms)
-        ctx.save_for_backward(logits, target, lse, tsum, w_local)
-        ctx.cfg, ctx.factors = cfg, (eps_l, lam)
-        return loss, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss: Tensor, g_lse: Tensor):
-        logits, target, lse, tsum, w_local = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        sh, eps = cfg.shard, cfg.label_smoothing
-        eps_l, lam = ctx.factors
-        g = torch.zeros_like(lse) if g_loss is None else g_loss.double()
-        gl = None if g_lse is None else g_lse.double()
-        acc = _ops.acc_dtype(logits.dtype)
+    def backward(ctx, g_loss, g_lse, _g_aux):
+        logits, target, weight, lse, aux = ctx.saved_tensors
+        cfg: Config = ctx.cfg
+        g = torch.zeros_like(lse) if g_loss is None else g_loss
         grad_x = grad_t = None
-        if ctx.needs_input_grad[0] and sh.size > 0:
-            # with lse = L and tsum / lam: g lam (tsum / lam * p - w q_l) = g (tsum p - w q')
-            grad_x = _kernel("ce_soft_bwd", cfg)(
-                (g * lam).to(acc),
-                logits,
-                target,
-                w_local,
-                lse,
-                (tsum / lam).to(acc),
-                None if gl is None else gl.to(acc),
-                *_options(cfg.softcap, eps_l),
-            )
-        if ctx.needs_input_grad[1] and sh.size > 0:
-            # d loss / d q_c = (1 - eps) w_c (L - z_c)
-            z = _capped(logits.double(), cfg.softcap)
-            grad_t = (lse[:, None] - z) * (g * (1.0 - eps))[:, None]
-            if w_local is not None:
-                grad_t = grad_t * w_local.double()
-            grad_t = grad_t.to(target.dtype)
-        return grad_x, grad_t, None, None
+        if cfg.shard.size > 0 and ctx.needs_input_grad[0]:
+            grad_fn = soft_grad if ctx.soft else index_grad
+            grad_x = grad_fn(logits, target, weight, lse, aux, g, g_lse, cfg)
+        if cfg.shard.size > 0 and ctx.soft and ctx.needs_input_grad[1]:
+            grad_t = soft_target_grad(logits, target, weight, lse, g, cfg)
+        return grad_x, grad_t, None, None, None
 
 
-# ---- the entry point ------------------------------------------------------------------------------
+# ---- the entry point -----------------------------------------------------------------------------
 
 
 def cross_entropy(
@@ -470,7 +520,7 @@ def cross_entropy(
     raise_on_every_rank(group, table, err)
     p = state
     shard = shard_of(group, table, not p["soft"])
-    cfg = _Config(
+    cfg = Config(
         shard,
         int(ignore_index),
         float(p["label_smoothing"]),
@@ -480,14 +530,9 @@ def cross_entropy(
     )
     logits, w = p["logits"], p["weight"]
     w = None if w is None else w.to(_ops.acc_dtype(logits.dtype)).contiguous()
-    if p["soft"]:
-        loss, lse = _SoftCE.apply(logits, p["rows_target"], w, cfg)
-        denom = None
-        index_target = None
-    else:
-        loss, lse, w_t = _IndexCE.apply(logits, p["rows_target"], w, cfg)
-        denom = w_t.sum()
-        index_target = p["rows_target"]
+    loss, lse, aux = _CrossEntropy.apply(logits, p["rows_target"], w, p["soft"], cfg)
+    denom = None if p["soft"] else aux.sum()
+    index_target = None if p["soft"] else p["rows_target"]
     return F_._parallel_finish(
         loss,
         lse,
@@ -570,3 +615,174 @@ def _slice_like(full: Tensor, local: Tensor, dim: int, mesh) -> Tensor:
         sizes[r] = max(0, min(chunk, n - r * chunk))
     r = mesh.get_local_rank()
     return full.narrow(dim, sum(sizes[:r]), local.shape[dim])
+
+
+# ---- the fused linear head, vocabulary-parallel --------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row loss and log-sum-exp (float64) of ``input @ linear_weight.T + linear_bias`` over the
+    whole vocabulary, ``linear_weight`` holding this rank's rows of the projection.
+
+    Rows go in chunks through one reused (chunk, size) logits buffer: forward computes the local
+    partials of each chunk, then the two all-reduces of :func:`combine` for all rows at once;
+    backward recomputes each chunk's logits, gets its gradient from the local kernels with the
+    global log-sum-exp, and folds it into the input gradient (then summed over the ranks: the one
+    collective of the backward, as the input is every rank's) and this rank's weight and bias
+    gradients (accumulated in float32 for half types).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, soft: bool, cfg: Config, chunk: int):
+        rows = x.shape[0]
+        partials = torch.empty(rows, 3, dtype=torch.float64, device=x.device)
+        local = soft_partials if soft else index_partials
+        w_local = cfg.local_weight(weight)
+        buf = x.new_empty(min(chunk, rows), cfg.shard.size)
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            z = _linear_ce._logits_into(buf[: r1 - r0], x[r0:r1], w, b)
+            local(z, target[r0:r1], w_local, cfg, partials[r0:r1])
+        del buf
+        loss, lse, aux = combine(partials, target, weight, soft, cfg)
+        ctx.save_for_backward(x, w, b, target, weight, lse, aux)
+        ctx.soft, ctx.cfg, ctx.chunk = soft, cfg, chunk
+        ctx.mark_non_differentiable(aux)
+        return loss, lse, aux
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_lse, _g_aux):
+        x, w, b, target, weight, lse, aux = ctx.saved_tensors
+        cfg: Config = ctx.cfg
+        need = ctx.needs_input_grad
+        g = torch.zeros_like(lse) if g_loss is None else g_loss
+        grads = _linear_ce._Grads(x, w, b, (need[0], need[1], need[2]))
+        grad_t = torch.empty_like(target) if ctx.soft and need[3] else None
+        grad_fn = soft_grad if ctx.soft else index_grad
+        rows, chunk = x.shape[0], ctx.chunk
+        buf = x.new_empty(min(chunk, rows), cfg.shard.size)
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            z = _linear_ce._logits_into(buf[: r1 - r0], x[r0:r1], w, b)
+            gl = None if g_lse is None else g_lse[r0:r1]
+            tc = target[r0:r1]
+            if grad_t is not None:
+                grad_t[r0:r1] = soft_target_grad(z, tc, weight, lse[r0:r1], g[r0:r1], cfg)
+            if any(need[:3]):
+                dz = grad_fn(z, tc, weight, lse[r0:r1], aux[r0:r1], g[r0:r1], gl, cfg)
+                grads.add_chunk(r0, r1, dz, x[r0:r1], w)
+        grad_x = grads.input
+        if grad_x is not None:
+            dist.all_reduce(grad_x, group=cfg.group)
+        grad_w = None if grads.weight is None else grads.weight.to(w.dtype)
+        grad_b = None if grads.bias is None else grads.bias.to(b.dtype)
+        return grad_x, grad_w, grad_b, grad_t, None, None, None, None
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    return_z_loss: bool,
+    return_lse: bool,
+    chunk_size: Optional[int],
+    backend: str,
+    process_group,
+):
+    """softmax_ext.linear_cross_entropy with ``process_group``: ``linear_weight`` (and
+    ``linear_bias``) hold this rank's contiguous rows of the (V, H) projection, ranks in order;
+    ``input`` and class-index targets are the same on every rank, class probabilities are this
+    rank's slice (..., size). Every rank returns the loss over the whole vocabulary, the full
+    input gradient and its slice's weight and bias gradients."""
+    from . import functional as F_
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "softmax_ext.linear_cross_entropy(process_group=...): torch.distributed is not "
+            "initialized"
+        )
+    state = {}
+
+    def check():
+        F_._check_backend(backend)
+        if backend == "torch":
+            raise NotImplementedError(
+                "softmax_ext.linear_cross_entropy: backend='torch' has no process_group path"
+            )
+        F_._check_lse_square_scale(lse_square_scale)
+        if softcap is not None:
+            F_._check_softcap(softcap)
+        eps = 0.0 if label_smoothing != label_smoothing else float(label_smoothing)
+        if not 0.0 <= eps <= 1.0:
+            raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+            raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+        soft = F_._check_linear_ce_args(input, linear_weight, linear_bias, target, None)
+        if weight is not None:
+            if weight.dim() != 1 or weight.dtype != input.dtype or weight.device != input.device:
+                raise RuntimeError(
+                    "weight must be the whole (V,) vector of class weights, in the input's dtype "
+                    f"and on its device; got {list(weight.shape)}, {weight.dtype}, {weight.device}"
+                )
+            if weight.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "softmax_ext.linear_cross_entropy is not differentiable with respect to the "
+                    "class weights 'weight'; this input cannot have requires_grad True"
+                )
+        size, hidden = linear_weight.shape
+        x = input.reshape(-1, hidden)
+        t = target.reshape(-1, size) if soft else target.reshape(-1).long()
+        if soft and size > 1 and t.stride(1) != 1:
+            t = t.contiguous()
+        state.update(
+            x=x,
+            t=t,
+            soft=soft,
+            eps=eps,
+            reduction=F_._REDUCTIONS[F_._Reduction.get_enum(reduction)],
+            code=F_.backend_code(backend, input.device),
+        )
+        counted = None if soft else t[t != ignore_index]
+        # the hidden size travels in the dtype slot's high bits: ranks must agree on it too
+        wlen = -1 if weight is None else weight.numel()
+        return x.shape[0], size, soft, counted, wlen, _DTYPE_CODES.get(x.dtype, 0) + 8 * hidden
+
+    table, err = exchange_metadata(process_group, input.device, check)
+    raise_on_every_rank(process_group, table, err)
+    p = state
+    shard = shard_of(process_group, table, not p["soft"])
+    cfg = Config(
+        shard,
+        int(ignore_index),
+        p["eps"],
+        0.0 if softcap is None else float(softcap),
+        p["code"],
+        process_group,
+    )
+    x, t = p["x"], p["t"]
+    chunk = _linear_ce.chunk_rows(x.shape[0], shard.size, x.element_size(), chunk_size)
+    w = None if weight is None else weight.to(_ops.acc_dtype(x.dtype)).contiguous()
+    loss, lse, aux = _LinearCrossEntropy.apply(
+        x, linear_weight, linear_bias, t, w, p["soft"], cfg, max(1, chunk)
+    )
+    return F_._parallel_finish(
+        loss,
+        lse,
+        None if p["soft"] else aux.sum(),
+        None if p["soft"] else t,
+        input.shape[:-1],
+        input.dtype,
+        ignore_index,
+        p["reduction"],
+        lse_square_scale,
+        return_z_loss,
+        return_lse,
+    )
