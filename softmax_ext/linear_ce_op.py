@@ -26,13 +26,15 @@ from torch import Tensor
 from . import ops as _ops
 from .ops import NAMESPACE, LossOptions, acc_dtype
 
-#: Bytes of one (chunk, V) logits buffer that the automatic chunk size aims at: large enough that
-#: the matmuls run at full speed (hundreds of rows at V = 32000), small enough that the buffers
-#: (logits, their gradient and, for half types, an fp32 copy of it) stay far below one logits
-#: tensor and near the cache sizes' order of magnitude.
-CHUNK_BYTES = 32 << 20
-#: The automatic chunk never exceeds this share of one whole logits tensor...
-MAX_CHUNK_SHARE = 1 / 32
+#: Bytes of one (chunk, V) logits buffer that the automatic chunk size never exceeds.
+CHUNK_BYTES = 128 << 20
+#: The automatic chunk takes this share of one whole logits tensor: as large as it can be while
+#: the chunk's buffers (its logits and their gradient) stay near 1/10 of the logits. Measured at
+#: 4096 x 1024 -> 128256 fp32 (one training step, this 2-core CPU): chunks of 64 rows took 30-32
+#: s, of 192 or 256 rows 21-24 s, as fast as the unfused matmuls; the matmuls of thin chunks
+#: (and the weight-gradient update, a read and write of the whole accumulator per chunk) are
+#: what costs.
+MAX_CHUNK_SHARE = 1 / 20
 #: ... unless it is below this size anyway (small problems run in one chunk or a few).
 SMALL_CHUNK_BYTES = 1 << 20
 #: Rows of the smallest automatic chunk (matmuls below this lose most of their speed).

@@ -22,8 +22,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     Args are PyTorch's, in its order (``weight``, ``size_average``, ``ignore_index``, ``reduce``,
     ``reduction``, ``label_smoothing``; the deprecated two as torch handles them), plus the
     keyword-only ``lse_square_scale``, ``softcap``, ``return_z_loss``, ``return_lse`` (see
-    :func:`softmax_ext.cross_entropy`; named as in Liger-Kernel and flash-attn) and ``backend``
-    ("auto", "cpp", "triton" or "torch").
+    :func:`softmax_ext.cross_entropy`; named as in Liger-Kernel and flash-attn), ``backend``
+    ("auto", "cpp", "triton" or "torch") and ``process_group`` (vocabulary parallelism: the
+    logits are this rank's slice of the classes, as flash-attn's ``CrossEntropyLoss`` takes it).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return_z_loss: bool = False,
         return_lse: bool = False,
         backend: str = "auto",
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__(
             weight=weight,
@@ -58,10 +60,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.return_z_loss = return_z_loss
         self.return_lse = return_lse
         self.backend = backend
+        self.process_group = process_group
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """TorchScript cannot compile softmax_ext's Python layer: torch.jit.script gets torch's own
         module with the same configuration (and the same ``weight`` buffer) instead."""
+        if self.process_group is not None:
+            raise RuntimeError("torch.jit.script: a process_group loss cannot be scripted")
         if (
             self.lse_square_scale
             or self.softcap is not None
@@ -92,6 +97,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             return_z_loss=self.return_z_loss,
             return_lse=self.return_lse,
             backend=self.backend,
+            process_group=self.process_group,
         )
 
 
