@@ -1,9 +1,10 @@
 """Command line of ``python -m benchmarks``: parse flags, run a suite, write the results folder.
 
 Suites: the kernel sweep (default), ``--suite core`` (the core targets, issue 12's small-shape
-goals among them), ``--suite linear`` (the fused linear + cross-entropy, see linear_ce.py) and
-``--trainer`` (Fashion-MNIST trainers, wall time of 10 epochs). Kernels are
-timed in loop mode and, at small shapes, in single mode (``--modes``).
+goals among them), ``--suite linear`` (the fused linear + cross-entropy, see linear_ce.py),
+``--suite parallel`` (the vocabulary-parallel loss over gloo processes, see parallel.py) and
+``--trainer`` (Fashion-MNIST trainers, wall time of 10 epochs). Kernels are timed in loop mode
+and, at small shapes, in single mode (``--modes``).
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--suite",
-        choices=("sweep", "core", "linear"),
+        choices=("sweep", "core", "linear", "parallel"),
         default="sweep",
         help="sweep: every op/shape/dtype/direction selected; core: fp32 fwd+bwd of "
         "cross_entropy at 8192x32000 and 256x10 and of softmax/log_softmax at 256x10, with the "
         "target ratios; linear: the fused linear + cross-entropy against torch's "
-        "linear_cross_entropy (CPU; --quick: one small case)",
+        "linear_cross_entropy (CPU; --quick: one small case); parallel: the vocabulary-parallel "
+        "cross_entropy on 2 gloo processes against torch's loss_parallel (CPU; --quick: one "
+        "small case)",
     )
     ap.add_argument(
         "--trainer",
@@ -332,6 +335,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             memory=not args.no_memory,
             plots=not args.no_plots,
         )
+        return 0
+    if args.suite == "parallel":
+        from .parallel import CASES as PARALLEL_CASES
+        from .parallel import QUICK_CASES as PARALLEL_QUICK
+        from .parallel import run_parallel
+
+        device = pick_device(args.device)
+        if device.type != "cpu":
+            print("python -m benchmarks: --suite parallel runs on the CPU", file=sys.stderr)
+            return 2
+        folder = args.out if args.out is not None else RESULTS_ROOT / slug(device)
+        run_parallel(folder, PARALLEL_QUICK if args.quick else PARALLEL_CASES, reps=args.reps or 5)
         return 0
     try:
         cfg = build_config(args)

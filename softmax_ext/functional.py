@@ -7,6 +7,7 @@ Everything after that (reduction, autograd, kernels) is one C++ operator per fun
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -104,7 +105,8 @@ def _rows_view(input: Tensor) -> Tensor:
     if input.dim() == 1:
         input = input.unsqueeze(0)
     elif input.dim() > 2:
-        input = input.movedim(1, -1).reshape(-1, input.shape[1])
+        rows = input.shape[0] * math.prod(input.shape[2:])  # not -1: C may be 0 (an empty shard)
+        input = input.movedim(1, -1).reshape(rows, input.shape[1])
     if input.stride(1) != 1 and input.shape[1] > 1:
         input = input.contiguous()
     return input

@@ -274,16 +274,28 @@ def soft_partials(
 
 
 def combine(
-    partials: Tensor, target: Tensor, weight: Optional[Tensor], soft: bool, cfg: Config
+    partials: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    soft: bool,
+    cfg: Config,
+    wire: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole vocabulary's per-row loss, log-sum-exp L and (index targets) the target's class
     weight (0 on ignored rows; soft targets: the global ``sum_c w_c q'_c``), from every rank's
     partials: an all-reduce MAX of the local log-sum-exps (M), then one all-reduce SUM of the
-    packed (rows, 3) partials shifted to M (each shifted term is >= 0: nothing cancels)."""
+    packed (rows, 3) partials shifted to M (each shifted term is >= 0: nothing cancels).
+
+    The collectives carry ``wire`` (the kernels' accumulation type: float32 for float32 and half
+    inputs, whose kernels sum in float32 anyway, float64 for float64) and the third column only
+    where it is used (soft targets, label smoothing): 12 bytes a row for float32 class indices,
+    as torch's loss_parallel sends. Every rank shifts by the same reduced M, so its rounding
+    to ``wire`` costs nothing."""
     sh, eps = cfg.shard, cfg.label_smoothing
     lse_r = partials[:, 0]
-    m = lse_r.clone()
+    m = lse_r.to(wire, memory_format=torch.contiguous_format, copy=True)  # a dense copy
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=cfg.group)
+    m = m.double()
     ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     packed = torch.empty_like(partials)
     packed[:, 0] = torch.exp(lse_r - ms)
@@ -303,7 +315,10 @@ def combine(
             packed[:, 2] = torch.where(torch.isneginf(lse_r), math.inf if w_sum else 0.0, smooth)
         else:
             packed[:, 2] = 0.0
-    dist.all_reduce(packed, group=cfg.group)
+    columns = 3 if soft or eps > 0 else 2
+    sent = packed[:, :columns].to(wire, memory_format=torch.contiguous_format, copy=True)
+    dist.all_reduce(sent, group=cfg.group)
+    packed[:, :columns] = sent
     lse = ms + torch.log(packed[:, 0])
     if soft:
         return packed[:, 1] + packed[:, 2] * (lse - ms), lse, packed[:, 2]
@@ -422,7 +437,7 @@ class _CrossEntropy(torch.autograd.Function):
         partials = torch.empty(logits.shape[0], 3, dtype=torch.float64, device=logits.device)
         local = soft_partials if soft else index_partials
         local(logits, target, cfg.local_weight(weight), cfg, partials)
-        loss, lse, aux = combine(partials, target, weight, soft, cfg)
+        loss, lse, aux = combine(partials, target, weight, soft, cfg, _ops.acc_dtype(logits.dtype))
         ctx.save_for_backward(logits, target, weight, lse, aux)
         ctx.soft, ctx.cfg = soft, cfg
         ctx.mark_non_differentiable(aux)
@@ -434,11 +449,15 @@ class _CrossEntropy(torch.autograd.Function):
         logits, target, weight, lse, aux = ctx.saved_tensors
         cfg: Config = ctx.cfg
         g = torch.zeros_like(lse) if g_loss is None else g_loss
+        need_x, need_t = ctx.needs_input_grad[0], ctx.soft and ctx.needs_input_grad[1]
+        if cfg.shard.size == 0:  # an empty slice: empty gradients, no kernel to run
+            grad_x = torch.zeros_like(logits) if need_x else None
+            return grad_x, (torch.zeros_like(target) if need_t else None), None, None, None
         grad_x = grad_t = None
-        if cfg.shard.size > 0 and ctx.needs_input_grad[0]:
+        if need_x:
             grad_fn = soft_grad if ctx.soft else index_grad
             grad_x = grad_fn(logits, target, weight, lse, aux, g, g_lse, cfg)
-        if cfg.shard.size > 0 and ctx.soft and ctx.needs_input_grad[1]:
+        if need_t:
             grad_t = soft_target_grad(logits, target, weight, lse, g, cfg)
         return grad_x, grad_t, None, None, None
 
@@ -644,7 +663,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = _linear_ce._logits_into(buf[: r1 - r0], x[r0:r1], w, b)
             local(z, target[r0:r1], w_local, cfg, partials[r0:r1])
         del buf
-        loss, lse, aux = combine(partials, target, weight, soft, cfg)
+        loss, lse, aux = combine(partials, target, weight, soft, cfg, _ops.acc_dtype(x.dtype))
         ctx.save_for_backward(x, w, b, target, weight, lse, aux)
         ctx.soft, ctx.cfg, ctx.chunk = soft, cfg, chunk
         ctx.mark_non_differentiable(aux)
@@ -661,6 +680,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_t = torch.empty_like(target) if ctx.soft and need[3] else None
         grad_fn = soft_grad if ctx.soft else index_grad
         rows, chunk = x.shape[0], ctx.chunk
+        if cfg.shard.size == 0:  # no rows of the projection here: this rank adds nothing
+            rows = 0
+            if grads.input is not None:
+                grads.input.zero_()
+            if grad_t is not None:
+                grad_t.zero_()
         buf = x.new_empty(min(chunk, rows), cfg.shard.size)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
@@ -739,7 +764,8 @@ def linear_cross_entropy(
                 )
         size, hidden = linear_weight.shape
         x = input.reshape(-1, hidden)
-        t = target.reshape(-1, size) if soft else target.reshape(-1).long()
+        # rows from x, not -1: an empty shard's soft target (rows, 0) has no elements
+        t = target.reshape(x.shape[0], size) if soft else target.reshape(-1).long()
         if soft and size > 1 and t.stride(1) != 1:
             t = t.contiguous()
         state.update(
