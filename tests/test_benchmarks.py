@@ -490,3 +490,26 @@ def test_linear_suite_records_goals_and_plot(tmp_path):
     ]
     (g,) = linear_ce.evaluate(records)
     assert g["memory_share"] == pytest.approx(10**5 / (64 * 100 * 4)) and g["memory_pass"] is False
+
+
+@pytest.mark.skipif(
+    not __import__("torch.distributed", fromlist=["x"]).is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_parallel_suite_counts_collectives_and_bytes(tmp_path):
+    from benchmarks import parallel
+
+    doc = parallel.run_parallel(tmp_path, [(64, 101)], reps=1, warmup=1, log=lambda *_: None)
+    recs = {r["impl"]: r for r in doc["records"]}
+    assert set(recs) == {"softmax_ext", "loss_parallel", parallel.REFERENCE}
+    ext, lp = recs["softmax_ext"], recs["loss_parallel"]
+    # the forward: one metadata all-gather, MAX then SUM; the backward: nothing
+    assert ext["collectives"]["fwd"] == {"all_gather": 1, "all_reduce": 2}
+    assert ext["collectives"]["bwd"] == {}
+    # fp32 class indices: 4 bytes of MAX and 8 of SUM a row, plus the per-call metadata
+    assert 12.0 <= ext["bytes_per_row"] < 12.0 + 256 / 64
+    assert lp["bytes_per_row"] > 0 and lp["median_ms"] > 0 and ext["median_ms"] > 0
+    (comp,) = doc["comparisons"]
+    assert comp["loss_max_abs_diff"] < 1e-5 and comp["grad_max_abs_diff"] < 1e-6
+    assert (tmp_path / parallel.JSON_NAME).exists()
+    assert "| 64 x 101 | softmax_ext |" in parallel.markdown(doc)
