@@ -594,11 +594,13 @@ def _dtensor_cross_entropy(
             f"(Shard({class_dim})) over a 1-D device mesh, got placements {input.placements} on "
             f"a {mesh.ndim}-D mesh"
         )
-    local = input.to_local()
+    local = _LocalShard.apply(input)
     if isinstance(target, DTensor):
         # class probabilities sharded like the logits, or replicated class indices
         target = (
-            target.to_local() if target.placements == input.placements else target.full_tensor()
+            _LocalShard.apply(target)
+            if target.placements == input.placements
+            else target.full_tensor()
         )
     elif target.shape == input.shape:  # full probabilities: this rank's slice
         target = _slice_like(target, local, class_dim, mesh)
@@ -623,6 +625,29 @@ def _dtensor_cross_entropy(
         return DTensor.from_local(t, mesh, [Replicate()], run_check=False)
 
     return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)
+
+
+class _LocalShard(torch.autograd.Function):
+    """``DTensor.to_local()`` whose gradient is a DTensor with the input's own global shape and
+    stride. torch 2.11's ``to_local`` backward recomputes the stride from the local shard, which
+    for uneven shards (15 classes on 2 ranks: local (6, 8), global stride (15, 1)) disagrees with
+    the input's; the gradient then breaks autograd's layout contract, and the accumulated
+    ``.grad`` comes out replicated (the whole (6, 15) on every rank) instead of sharded."""
+
+    @staticmethod
+    def forward(ctx, dt) -> Tensor:  # type: ignore[override]
+        ctx.spec = (dt.device_mesh, tuple(dt.placements), dt.shape, dt.stride())
+        local = dt.to_local()
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.spec
+        return DTensor.from_local(
+            grad, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
 
 
 def _slice_like(full: Tensor, local: Tensor, dim: int, mesh) -> Tensor:
@@ -679,13 +704,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = _linear_ce._Grads(x, w, b, (need[0], need[1], need[2]))
         grad_t = torch.empty_like(target) if ctx.soft and need[3] else None
         grad_fn = soft_grad if ctx.soft else index_grad
-        rows, chunk = x.shape[0], ctx.chunk
-        if cfg.shard.size == 0:  # no rows of the projection here: this rank adds nothing
-            rows = 0
-            if grads.input is not None:
-                grads.input.zero_()
-            if grad_t is not None:
-                grad_t.zero_()
+        chunk = ctx.chunk
+        # an empty slice of the projection adds nothing: zeros, no chunk (still all-reduced below)
+        rows = x.shape[0] if cfg.shard.size > 0 else 0
+        if rows == 0 and grads.input is not None:
+            grads.input.zero_()
         buf = x.new_empty(min(chunk, rows), cfg.shard.size)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
