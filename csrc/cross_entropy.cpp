@@ -5,6 +5,7 @@
 // writes per-row results only; the backward reads each row once more and writes the gradient once.
 // The log-sum-exp is kept in float64 so that the backward can split it as hi + lo and compute
 // exp((x - hi) - lo) as accurately as PyTorch computes exp(log_softmax), even for logits near 1e4.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "dispatch.h"
@@ -445,7 +446,7 @@ bool streams_well(const at::Tensor& gx) {
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-// ---- the four kernels: (rows, C) views in, per-row results out; the option block by name --------
+// ---- the kernels: (rows, C) views in, per-row results out; the option block by name --------
 
 // The arguments of one kernel call: tensors first, then the option block (softmax_ext/ops.py).
 struct KernelCall {
@@ -500,17 +501,40 @@ void ce_index_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
-// (grad_loss, logits, target, weight, lse, grad_lse, options...) -> grad_logits
+// The backward kernels' own output, or the grad_logits argument of their _into variants: a
+// contiguous (rows, C) tensor of the logits' dtype and device that is either the logits themselves
+// or disjoint from them (the kernels read each logit before writing its gradient, so only a partial
+// overlap would be wrong) and disjoint from every other input.
+at::Tensor checked_grad_out(const at::Tensor& gx, const at::Tensor& logits,
+                            std::initializer_list<const at::Tensor*> others, const char* op) {
+  TORCH_CHECK(gx.sizes() == logits.sizes(), "softmax_ext::", op, ": grad_logits must be ",
+              logits.sizes(), ", got ", gx.sizes());
+  TORCH_CHECK(gx.scalar_type() == logits.scalar_type() && gx.device() == logits.device(),
+              "softmax_ext::", op, ": grad_logits must be ", logits.scalar_type(), " on ",
+              logits.device(), ", got ", gx.scalar_type(), " on ", gx.device());
+  TORCH_CHECK(gx.is_contiguous(), "softmax_ext::", op, ": grad_logits must be contiguous");
+  at::assert_no_internal_overlap(gx);
+  at::assert_no_partial_overlap(gx, logits);
+  for (const at::Tensor* t : others)
+    if (t->defined()) at::assert_no_overlap(gx, *t);
+  return gx;
+}
+
+// (grad_loss, logits, target, weight, lse, grad_lse[, grad_logits], options...): the gradient into
+// grad_logits when the call has it (ce_index_bwd_into), else into a new tensor that it returns.
 void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const KernelCall k(op, stack, 6);
+  const bool into = op.schema().returns().empty();
+  const char* name = into ? "ce_index_bwd_into" : "ce_index_bwd";
+  const KernelCall k(op, stack, into ? 7 : 6);
   const at::Tensor &logits = k.tensor(1), &target = k.tensor(2);
-  check_logits(logits, "ce_index_bwd");
-  check_index_target(logits, target, k.opt.ignore_index, "ce_index_bwd");
-  auto [w, W] = prepared_weight(k.optional(3), logits, "ce_index_bwd");
+  check_logits(logits, name);
+  check_index_target(logits, target, k.opt.ignore_index, name);
+  auto [w, W] = prepared_weight(k.optional(3), logits, name);
   const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
   const at::Tensor l = lse_of(k.tensor(4), logits);
   const at::Tensor gl = optional_per_row(k.optional(5), logits, "grad_lse");
-  at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
+  at::Tensor gx = into ? checked_grad_out(k.tensor(6), logits, {&target, &g, &l, &gl, &w}, name)
+                       : reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() > 0) {
     const auto [nll_scale, smooth_scale] = smoothing_scales(k.opt, logits.size(1));
     const IndexBwdArgs a{g.const_data_ptr(),
@@ -534,7 +558,7 @@ void ce_index_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                          gl.defined() ? gl.stride(0) : 0};
     ce_index_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   }
-  torch::jit::push(*stack, std::move(gx));
+  if (!into) torch::jit::push(*stack, std::move(gx));
 }
 
 // Soft targets in the logits' layout: unit class stride.
@@ -572,19 +596,23 @@ void ce_soft_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::push(*stack, std::move(loss), std::move(lse), std::move(tsum));
 }
 
-// (grad_loss, logits, target, weight, lse, tsum, grad_lse, options...) -> grad_logits
+// (grad_loss, logits, target, weight, lse, tsum, grad_lse[, grad_logits], options...): as
+// ce_index_bwd, for soft targets.
 void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const KernelCall k(op, stack, 7);
+  const bool into = op.schema().returns().empty();
+  const char* name = into ? "ce_soft_bwd_into" : "ce_soft_bwd";
+  const KernelCall k(op, stack, into ? 8 : 7);
   const at::Tensor& logits = k.tensor(1);
-  check_logits(logits, "ce_soft_bwd");
-  check_soft_target(logits, k.tensor(2), "ce_soft_bwd");
-  auto [w, W] = prepared_weight(k.optional(3), logits, "ce_soft_bwd");
+  check_logits(logits, name);
+  check_soft_target(logits, k.tensor(2), name);
+  auto [w, W] = prepared_weight(k.optional(3), logits, name);
   const at::Tensor t = soft_target(k.tensor(2));
   const at::Tensor g = per_row(k.tensor(0), logits, "grad_loss");
   const at::Tensor ts = per_row(k.tensor(5), logits, "tsum").contiguous();
   const at::Tensor l = lse_of(k.tensor(4), logits);
   const at::Tensor gl = optional_per_row(k.optional(6), logits, "grad_lse");
-  at::Tensor gx = reusable_empty(logits.sizes(), logits.options());
+  at::Tensor gx = into ? checked_grad_out(k.tensor(7), logits, {&t, &g, &ts, &l, &gl, &w}, name)
+                       : reusable_empty(logits.sizes(), logits.options());
   if (logits.numel() > 0) {
     const SoftBwdArgs a{
         g.const_data_ptr(),  g.stride(0),           logits.const_data_ptr(),
@@ -594,7 +622,7 @@ void ce_soft_bwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
         k.opt.softcap,       data_or_null(gl),      gl.defined() ? gl.stride(0) : 0};
     ce_soft_bwd_rows_run(logits.scalar_type(), a, logits.size(0), grain_for(logits.size(1)));
   }
-  torch::jit::push(*stack, std::move(gx));
+  if (!into) torch::jit::push(*stack, std::move(gx));
 }
 
 }  // namespace
@@ -607,4 +635,6 @@ TORCH_LIBRARY_IMPL(softmax_ext, CPU, m) {
   m.impl("ce_index_bwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_index_bwd>());
   m.impl("ce_soft_fwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_soft_fwd>());
   m.impl("ce_soft_bwd", torch::CppFunction::makeFromBoxedFunction<&sme::ce_soft_bwd>());
+  m.impl("ce_index_bwd_into", torch::CppFunction::makeFromBoxedFunction<&sme::ce_index_bwd>());
+  m.impl("ce_soft_bwd_into", torch::CppFunction::makeFromBoxedFunction<&sme::ce_soft_bwd>());
 }

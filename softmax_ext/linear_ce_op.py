@@ -28,13 +28,11 @@ from .ops import NAMESPACE, LossOptions, acc_dtype
 
 #: Bytes of one (chunk, V) logits buffer that the automatic chunk size never exceeds.
 CHUNK_BYTES = 128 << 20
-#: The automatic chunk takes this share of one whole logits tensor: as large as it can be while
-#: the chunk's buffers (its logits and their gradient) stay near 1/10 of the logits. Measured at
-#: 4096 x 1024 -> 128256 fp32 (one training step, this 2-core CPU): chunks of 64 rows took 30-32
-#: s, of 192 or 256 rows 21-24 s, as fast as the unfused matmuls; the matmuls of thin chunks
-#: (and the weight-gradient update, a read and write of the whole accumulator per chunk) are
-#: what costs.
-MAX_CHUNK_SHARE = 1 / 20
+#: The automatic chunk takes this share of one whole logits tensor. The chunk's gradient overwrites
+#: its logits (the backward kernels' ``_into`` variants), so one buffer is all the chunk holds, and
+#: larger chunks run the matmuls faster: the thin ones (and the weight-gradient update, a read and
+#: write of the whole accumulator per chunk) are what costs at large vocabularies.
+MAX_CHUNK_SHARE = 1 / 10
 #: ... unless it is below this size anyway (small problems run in one chunk or a few).
 SMALL_CHUNK_BYTES = 1 << 20
 #: Rows of the smallest automatic chunk (matmuls below this lose most of their speed).
@@ -72,8 +70,9 @@ def fold_mask(fold: int) -> Tuple[bool, bool, bool]:
 
 
 def _kernels(soft: bool, code: int) -> Tuple[object, object]:
+    """(forward kernel, backward kernel writing into a given tensor) for the target kind."""
     prefix = "ce_soft" if soft else "ce_index"
-    return _ops.kernel(prefix + "_fwd", code), _ops.kernel(prefix + "_bwd", code)
+    return _ops.kernel(prefix + "_fwd", code), _ops.kernel(prefix + "_bwd_into", code)
 
 
 def _logits_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -180,10 +179,13 @@ def _chunk_grad(
     tsum: Optional[Tensor],
     glse: Optional[Tensor],
 ) -> Tensor:
-    """d/dlogits of the chunk (the kernels' backward), in the logits' dtype."""
+    """d/dlogits of the chunk (the kernels' backward), in the logits' dtype, written over the
+    chunk's logits ``z`` (which it returns): one (chunk, V) buffer serves both."""
     if soft:
-        return bwd(a, z, tc, weight, lse, tsum, glse, *opts)
-    return bwd(a, z, tc, weight, lse, glse, *opts)
+        bwd(a, z, tc, weight, lse, tsum, glse, z, *opts)
+    else:
+        bwd(a, z, tc, weight, lse, glse, z, *opts)
+    return z
 
 
 def _forward(
@@ -364,10 +366,10 @@ def _recompute_grads(x, w, b, target, weight, o, lse, g_loss, g_lse, ctx, need) 
         z = _logits_into(buf[: r1 - r0], xc, w, b)
         tsum = fwd(z, tc, weight, *o)[2] if soft else None
         glse = None if glse_all is None else glse_all[r0:r1]
+        if g_target is not None:  # before the logits' gradient overwrites them
+            g_target[r0:r1] = _soft_target_grad(z, lse64[r0:r1], weight, o, ce_g[r0:r1])
         dz = _chunk_grad(bwd, soft, o, ce_g[r0:r1], z, tc, weight, lse64[r0:r1], tsum, glse)
         grads.add_chunk(r0, r1, dz, xc, w)
-        if g_target is not None:
-            g_target[r0:r1] = _soft_target_grad(z, lse64[r0:r1], weight, o, ce_g[r0:r1])
     return [
         grads.input,
         None if grads.weight is None else grads.weight.to(w.dtype),

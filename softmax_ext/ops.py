@@ -116,6 +116,19 @@ KERNELS: Dict[str, _Spec] = {
         f" Tensor? grad_lse, {OPTIONS}",
         [("grad_logits", "like logits")],
     ),
+    # The two backward kernels writing into a given contiguous (rows, C) grad_logits of the
+    # logits' dtype, which may be the logits themselves (each value is read before it is
+    # overwritten): the fused linear head's chunks keep one buffer instead of two.
+    "ce_index_bwd_into": (
+        "Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse,"
+        f" Tensor? grad_lse, Tensor(a!) grad_logits, {OPTIONS}",
+        [],
+    ),
+    "ce_soft_bwd_into": (
+        "Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor tsum,"
+        f" Tensor? grad_lse, Tensor(a!) grad_logits, {OPTIONS}",
+        [],
+    ),
 }
 
 
@@ -123,7 +136,7 @@ def schema(name: str) -> str:
     """The schema (without the operator name) of a public operator or a kernel."""
     args, outs = {**PUBLIC, **KERNELS}[name]
     out = ", ".join(f"Tensor {n}" for n, _ in outs)
-    return f"({args}) -> " + (f"({out})" if len(outs) > 1 else "Tensor")
+    return f"({args}) -> " + (f"({out})" if len(outs) != 1 else "Tensor")
 
 
 def loss_dtype(dtype: torch.dtype, options) -> torch.dtype:
@@ -158,6 +171,8 @@ def _fake_kernel(name: str) -> Callable:
             else:
                 dtype = torch.float64 if kind == "rows64" else acc_dtype(logits.dtype)
                 made.append(logits.new_empty((logits.shape[0],), dtype=dtype))
+        if not made:  # a kernel that writes into one of its arguments
+            return None
         return tuple(made) if len(made) > 1 else made[0]
 
     fake.__name__ = f"_{name}_fake"
@@ -250,6 +265,6 @@ def kernel(name: str, backend: int = BACKEND_DEFAULT) -> "torch._ops.OpOverload"
 
 
 def kernels(backend: str, device: torch.device) -> SimpleNamespace:
-    """The six kernels, by name, as ``backend`` serves them on ``device`` (tests, tools)."""
+    """The kernels, by name, as ``backend`` serves them on ``device`` (tests, tools)."""
     code = backend_code(backend, device)
     return SimpleNamespace(**{n: kernel(n, code) for n in KERNELS})

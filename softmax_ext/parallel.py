@@ -335,6 +335,16 @@ def combine(
     return torch.where(counted, loss, torch.zeros_like(loss)), lse, w_t
 
 
+def _local_bwd(cfg: "Config", name: str, out: Optional[Tensor], *args) -> Tensor:
+    """The local backward kernel ``name`` on ``args`` (the schema's, options last): its result,
+    or, with ``out``, written into ``out`` by its ``_into`` variant."""
+    if out is None:
+        return cfg.kernel(name)(*args)
+    n = len(_ops.LossOptions._fields)
+    cfg.kernel(name + "_into")(*args[:-n], out, *args[-n:])
+    return out
+
+
 def index_grad(
     logits: Tensor,
     target: Tensor,
@@ -344,15 +354,22 @@ def index_grad(
     g: Tensor,
     gl: Optional[Tensor],
     cfg: Config,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """d/dlogits of sum_i g[i] loss[i] + gl[i] L[i] for this slice (class-index targets), one
     pass of the local backward kernel given the global L, plus the one-hot term (O(rows)):
-    ``coef p_c - g eps / V w_c - g (1 - eps) w_t [c == t]`` with p = exp(z - L)."""
+    ``coef p_c - g eps / V w_c - g (1 - eps) w_t [c == t]`` with p = exp(z - L). Written into
+    ``out`` when given (a contiguous tensor like ``logits``, or ``logits`` itself), else into a
+    new tensor."""
     sh, eps = cfg.shard, cfg.label_smoothing
     acc = _ops.acc_dtype(logits.dtype)
     counted, owner, local_t = _target_slot(target, cfg)
     w_local = cfg.local_weight(weight)
     g = torch.where(counted, g.double(), 0.0)
+    onehot = g * (1.0 - eps) * w_t
+    if cfg.softcap:  # read before ``out`` may overwrite the logits
+        zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
+        onehot = onehot * (1.0 - (zt / cfg.softcap) ** 2)
     gl = torch.zeros_like(g) if gl is None else gl.double()
     w_all = float(sh.total) if weight is None else float(weight.double().sum())
     coef = g * ((1.0 - eps) * w_t + (eps / sh.total) * w_all) + gl
@@ -360,7 +377,10 @@ def index_grad(
         # the soft kernel on the zero target row, smoothing 1 and tsum 1:
         # (k_g + k_gl) p - k_g / size * w_c
         k_g = g * (eps * sh.size / sh.total)
-        grad = cfg.kernel("ce_soft_bwd")(
+        grad = _local_bwd(
+            cfg,
+            "ce_soft_bwd",
+            out,
             k_g.to(acc),
             logits,
             _zero_rows(logits),
@@ -371,7 +391,10 @@ def index_grad(
             *_options(cfg.softcap, 1.0),
         )
     else:  # every row "ignored" for the kernel: coef * p alone
-        grad = cfg.kernel("ce_index_bwd")(
+        grad = _local_bwd(
+            cfg,
+            "ce_index_bwd",
+            out,
             torch.zeros_like(lse, dtype=acc),
             logits,
             torch.full_like(target, -100),
@@ -380,10 +403,6 @@ def index_grad(
             coef.to(acc),
             *_options(cfg.softcap, 0.0),
         )
-    onehot = g * (1.0 - eps) * w_t
-    if cfg.softcap:
-        zt = _capped(logits.gather(1, local_t[:, None]).squeeze(1).double(), cfg.softcap)
-        onehot = onehot * (1.0 - (zt / cfg.softcap) ** 2)
     onehot = torch.where(owner, onehot, torch.zeros_like(onehot))
     rows = torch.arange(logits.shape[0], device=logits.device)
     grad.index_put_((rows, local_t), -onehot.to(grad.dtype), accumulate=True)
@@ -399,13 +418,17 @@ def soft_grad(
     g: Tensor,
     gl: Optional[Tensor],
     cfg: Config,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """d/dlogits of sum_i g[i] loss[i] + gl[i] L[i] for this slice of soft targets: the local
     backward kernel given the global L and tsum / lam, with g * lam:
-    ``g lam (tsum / lam p - w q_l) = g (tsum p - w q')``."""
+    ``g lam (tsum / lam p - w q_l) = g (tsum p - w q')``. ``out`` as in :func:`index_grad`."""
     eps_l, lam = _soft_factors(cfg.label_smoothing, cfg.shard.size, cfg.shard.total)
     acc = _ops.acc_dtype(logits.dtype)
-    return cfg.kernel("ce_soft_bwd")(
+    return _local_bwd(
+        cfg,
+        "ce_soft_bwd",
+        out,
         (g.double() * lam).to(acc),
         logits,
         target,
@@ -718,7 +741,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_t is not None:
                 grad_t[r0:r1] = soft_target_grad(z, tc, weight, lse[r0:r1], g[r0:r1], cfg)
             if any(need[:3]):
-                dz = grad_fn(z, tc, weight, lse[r0:r1], aux[r0:r1], g[r0:r1], gl, cfg)
+                # the gradient over the chunk's logits: one (chunk, size) buffer for both
+                dz = grad_fn(z, tc, weight, lse[r0:r1], aux[r0:r1], g[r0:r1], gl, cfg, out=z)
                 grads.add_chunk(r0, r1, dz, x[r0:r1], w)
         grad_x = grads.input
         if grad_x is not None:

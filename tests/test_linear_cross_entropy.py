@@ -277,11 +277,11 @@ def test_opcheck(backend, device, fold):
 
 
 def test_chunk_rows_policy():
-    assert lce.chunk_rows(8192, 32000, 4, None) == 400  # 1/20 of the logits: 409 rows, 16-aligned
+    assert lce.chunk_rows(8192, 32000, 4, None) == 816  # 1/10 of the logits: 819 rows, 16-aligned
     assert lce.chunk_rows(256, 10, 4, None) == 256  # one chunk for a small problem
     assert lce.chunk_rows(100, 10, 4, 7) == 7 and lce.chunk_rows(5, 10, 4, 64) == 5
-    assert lce.chunk_rows(4096, 128256, 2, None) == 192
-    assert lce.chunk_rows(4096, 128256, 4, None) == 192
+    assert lce.chunk_rows(4096, 128256, 2, None) == 400
+    assert lce.chunk_rows(4096, 128256, 4, None) == 256  # CHUNK_BYTES
     assert lce.chunk_rows(65536, 128256, 4, None) == 256  # CHUNK_BYTES: 128 MiB per buffer
     assert lce.chunk_rows(0, 10, 4, None) == 1
 

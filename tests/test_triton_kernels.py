@@ -1,4 +1,4 @@
-"""Triton-specific tests of the six softmax_ext kernels.
+"""Triton-specific tests of the softmax_ext kernels.
 
 They run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, as `make test-triton`
 does) and on CUDA tensors when a GPU is present and the interpreter is off. A tiny class block
@@ -59,7 +59,7 @@ def block(request, monkeypatch) -> None:
 
 
 def kernels(device: str):
-    """The six kernel operators as backend='triton' serves them: those of ops.BACKEND_TRITON on
+    """The kernel operators as backend='triton' serves them: those of ops.BACKEND_TRITON on
     CPU (the interpreter), the default ones on CUDA."""
     return ops.kernels("triton", torch.device(device))
 
@@ -572,7 +572,7 @@ def test_interpreter_kernels_need_triton_interpret_before_import():
 
 def test_triton_kernels_serve_cpu():
     """The interpreter registers the launchers as the CPU kernels of the backend='triton' kernel
-    operators (all six, idempotently), distinct from the default ones (C++ on CPU);
+    operators (all of them, idempotently), distinct from the default ones (C++ on CPU);
     backend='triton' on CPU resolves to them."""
     if not INTERPRETED:
         pytest.skip("interpreter (CPU) path")
@@ -589,14 +589,21 @@ def test_triton_kernels_serve_cpu():
     assert_close(k.softmax_fwd(x, 1, True), torch.log_softmax(x, 1))
 
 
-@pytest.mark.parametrize("name", ["ce_index_fwd", "ce_index_bwd", "ce_soft_fwd", "ce_soft_bwd"])
+@pytest.mark.parametrize("name", [n for n in ops.KERNELS if n.startswith("ce_")])
 def test_launchers_take_the_whole_option_block(name):
     """A launcher called with fewer options than ops.LossOptions has raises, rather than quietly
     taking defaults for the missing ones."""
     from softmax_ext.triton import cross_entropy, soft_cross_entropy
 
     launcher = getattr(cross_entropy if "index" in name else soft_cross_entropy, name)
-    tensors = {"ce_index_fwd": 3, "ce_index_bwd": 5, "ce_soft_fwd": 3, "ce_soft_bwd": 6}[name]
+    tensors = {
+        "ce_index_fwd": 3,
+        "ce_index_bwd": 6,
+        "ce_soft_fwd": 3,
+        "ce_soft_bwd": 7,
+        "ce_index_bwd_into": 7,
+        "ce_soft_bwd_into": 8,
+    }[name]
     args = [torch.empty(0, 0)] * tensors + list(opts(0.1))
     with pytest.raises(TypeError, match="loss options"):
         launcher(*args[:-1])

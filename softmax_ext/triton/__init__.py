@@ -32,6 +32,8 @@ _LAUNCHER_MODULES = {
     "ce_index_bwd": "cross_entropy",
     "ce_soft_fwd": "soft_cross_entropy",
     "ce_soft_bwd": "soft_cross_entropy",
+    "ce_index_bwd_into": "cross_entropy",
+    "ce_soft_bwd_into": "soft_cross_entropy",
 }
 #: The kernel operators the launchers implement: all of ops.KERNELS (checked at registration).
 OPS = tuple(_LAUNCHER_MODULES)
@@ -95,7 +97,7 @@ def _register(
 
 
 def register_cuda_kernels() -> None:
-    """Register the Triton launchers as the CUDA kernels of the six kernel operators, those of
+    """Register the Triton launchers as the CUDA kernels of the kernel operators, those of
     the default backend and those of backend='triton' alike.
 
     Idempotent, thread-safe and cheap (Triton is imported at the first CUDA call, not here), so
@@ -121,7 +123,7 @@ def interpreter_active() -> bool:
 
 
 def register_interpreter_kernels() -> None:
-    """Register the Triton launchers as the CPU kernels of the six backend='triton' kernel
+    """Register the Triton launchers as the CPU kernels of the backend='triton' kernel
     operators, run by Triton's interpreter. The default backend's CPU kernels (C++) stay.
 
     Idempotent and thread-safe. Raises RuntimeError unless TRITON_INTERPRET=1 was set before

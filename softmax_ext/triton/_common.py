@@ -126,6 +126,48 @@ def unit_class_stride(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last) bytes of memory that ``t``'s elements occupy (empty for no elements)."""
+    if t.numel() == 0:
+        return 0, 0
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_grad_out(grad: torch.Tensor, logits: torch.Tensor, *others: Optional[torch.Tensor]):
+    """Check the ``grad_logits`` argument of a backward kernel's ``_into`` variant.
+
+    Raises ValueError unless it is a contiguous tensor of the logits' shape, dtype and device, and
+    RuntimeError (torch's error for the same aliasing) when it overlaps the logits other than
+    being them (the kernels read each logit before overwriting it) or overlaps any of ``others``.
+    """
+    if (
+        grad.shape != logits.shape
+        or grad.dtype != logits.dtype
+        or grad.device != logits.device
+        or not grad.is_contiguous()
+    ):
+        raise ValueError(
+            f"softmax_ext (triton): grad_logits must be a contiguous {tuple(logits.shape)} "
+            f"{logits.dtype} tensor on {logits.device}, got {tuple(grad.shape)} {grad.dtype} on "
+            f"{grad.device} with stride {tuple(grad.stride())}"
+        )
+    if grad.device.type == "meta":  # no memory to overlap (tools/compile_gpu.py launches on meta)
+        return
+    g0, g1 = _byte_span(grad)
+    same = (grad.data_ptr(), grad.stride()) == (logits.data_ptr(), logits.stride())
+    for i, t in enumerate((logits, *others)):
+        if t is None or (i == 0 and same):
+            continue
+        t0, t1 = _byte_span(t)
+        if g0 < t1 and t0 < g1:
+            raise RuntimeError(
+                "unsupported operation: some elements of the input tensor and the written-to "
+                "tensor refer to a single memory location. Please clone() the tensor before "
+                "performing the operation."
+            )
+
+
 @contextlib.contextmanager
 def on_device(t: torch.Tensor) -> Iterator[None]:
     """Launch context for kernels on ``t``'s device.

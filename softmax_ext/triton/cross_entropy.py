@@ -24,6 +24,7 @@ from ._common import (
     acc_dtype,
     aligned,
     check_dtype,
+    check_grad_out,
     check_targets,
     check_weight,
     finite_shift,
@@ -283,15 +284,33 @@ def ce_index_bwd(
     exactly 0. ``grad_loss`` is (rows,) in the accumulation dtype and may be a stride-0 expansion of
     a scalar; ``lse`` is the forward's (float64). Returns contiguous (rows, C) in the logits' dtype.
     """
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ce_index_bwd_into(grad_loss, logits, target, weight, lse, grad_lse, grad, *options)
+    return grad
+
+
+def ce_index_bwd_into(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    grad_lse: Optional[Tensor],
+    grad: Tensor,
+    *options: Union[int, float],
+) -> None:
+    """:func:`ce_index_bwd` into ``grad``: contiguous, of the logits' shape and dtype, and either
+    the logits themselves (each tile is loaded before its gradient is stored) or disjoint from
+    them."""
     o = loss_options(options)
     check_dtype(logits, "logits")
     check_weight(weight, logits)
+    check_grad_out(grad, logits, target, weight, lse, grad_lse, grad_loss)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
     check_targets(target, n_classes, o.ignore_index)
-    grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
-        return grad
+        return
     lse = lse.to(torch.float64)
     with_smooth = o.label_smoothing > 0.0
     # sum(w) as a device tensor: no host synchronisation.
@@ -327,4 +346,3 @@ def ce_index_bwd(
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0)),
             num_warps=num_warps(block_r, block_c, o.softcap),
         )
-    return grad

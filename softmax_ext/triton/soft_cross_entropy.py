@@ -17,6 +17,7 @@ from ._common import (
     acc_dtype,
     aligned,
     check_dtype,
+    check_grad_out,
     check_weight,
     finite_shift,
     load_logits,
@@ -249,15 +250,34 @@ def ce_soft_bwd(
     ``grad_lse`` is (rows,) or None; ``lse`` and ``tsum`` are the forward's; ``options`` as in
     :func:`ce_soft_fwd`. Returns contiguous (rows, C) in the logits' dtype.
     """
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ce_soft_bwd_into(grad_loss, logits, target, weight, lse, tsum, grad_lse, grad, *options)
+    return grad
+
+
+def ce_soft_bwd_into(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    tsum: Tensor,
+    grad_lse: Optional[Tensor],
+    grad: Tensor,
+    *options: Union[int, float],
+) -> None:
+    """:func:`ce_soft_bwd` into ``grad``: contiguous, of the logits' shape and dtype, and either
+    the logits themselves (each tile is loaded before its gradient is stored) or disjoint from
+    them."""
     o = loss_options(options)
     check_dtype(logits, "logits")
     _check_target(target, logits)
     check_weight(weight, logits)
+    check_grad_out(grad, logits, target, weight, lse, tsum, grad_lse, grad_loss)
     logits, target = unit_class_stride(logits), unit_class_stride(target)
     n_rows, n_classes = logits.shape
-    grad = torch.empty((n_rows, n_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
-        return grad
+        return
     lse = lse.to(torch.float64)
     block_r, block_c, _ = tile_shape(n_rows, n_classes, o.softcap)
     with on_device(logits):
@@ -289,4 +309,3 @@ def ce_soft_bwd(
             VEC=vector_width(logits.element_size(), n_classes, logits.stride(0), target.stride(0)),
             num_warps=num_warps(block_r, block_c, o.softcap),
         )
-    return grad
