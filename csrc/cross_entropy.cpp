@@ -501,10 +501,10 @@ void ce_index_fwd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   torch::jit::push(*stack, std::move(loss), std::move(lse));
 }
 
-// The backward kernels' own output, or the grad_logits argument of their _into variants: a
-// contiguous (rows, C) tensor of the logits' dtype and device that is either the logits themselves
-// or disjoint from them (the kernels read each logit before writing its gradient, so only a partial
-// overlap would be wrong) and disjoint from every other input.
+// The grad_logits argument of the backward kernels' _into variants, checked: a contiguous (rows, C)
+// tensor of the logits' dtype and device that is either the logits themselves or disjoint from
+// them (the kernels read each logit before writing its gradient, so only a partial overlap would be
+// wrong) and disjoint from every other input.
 at::Tensor checked_grad_out(const at::Tensor& gx, const at::Tensor& logits,
                             std::initializer_list<const at::Tensor*> others, const char* op) {
   TORCH_CHECK(gx.sizes() == logits.sizes(), "softmax_ext::", op, ": grad_logits must be ",

@@ -24,10 +24,6 @@ _OPTIONS = list(
 )
 
 
-def _code(backend: str, device: torch.device) -> int:
-    return ops.backend_code(backend, device)
-
-
 def _options(eps: float, softcap: float) -> ops.LossOptions:
     return ops.LossOptions(ignore_index=2, label_smoothing=eps, reduction=0, softcap=softcap)
 
@@ -46,7 +42,7 @@ def _inputs(rows: int, classes: int, dtype: torch.dtype, device, with_w: bool, h
 
 
 def _index_case(backend, device, rows, classes, dtype, eps, with_w, cap, with_glse, hostile):
-    code = _code(backend, device)
+    code = ops.backend_code(backend, device)
     x, w, g, glse = _inputs(rows, classes, dtype, device, with_w, hostile)
     t = torch.randint(0, classes, (rows,), device=device)
     t[::4] = 2  # ignored rows (ignore_index 2)
@@ -63,7 +59,7 @@ def _index_case(backend, device, rows, classes, dtype, eps, with_w, cap, with_gl
 
 
 def _soft_case(backend, device, rows, classes, dtype, eps, with_w, cap, with_glse, hostile):
-    code = _code(backend, device)
+    code = ops.backend_code(backend, device)
     x, w, g, glse = _inputs(rows, classes, dtype, device, with_w, hostile)
     q = torch.rand(rows, classes, device=device).softmax(1).to(dtype)
     o = _options(eps, cap)
@@ -110,7 +106,7 @@ def test_into_large_float32_streams_over_the_logits(backend, device):
 
 
 def _args(backend, device, soft: bool):
-    code = _code(backend, device)
+    code = ops.backend_code(backend, device)
     x = torch.randn(4, 6, device=device)
     w = torch.rand(6, device=device)
     g = torch.ones(4, device=device)

@@ -285,7 +285,7 @@ def ce_index_bwd(
     a scalar; ``lse`` is the forward's (float64). Returns contiguous (rows, C) in the logits' dtype.
     """
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ce_index_bwd_into(grad_loss, logits, target, weight, lse, grad_lse, grad, *options)
+    _index_bwd(grad_loss, logits, target, weight, lse, grad_lse, grad, *options)
     return grad
 
 
@@ -302,10 +302,15 @@ def ce_index_bwd_into(
     """:func:`ce_index_bwd` into ``grad``: contiguous, of the logits' shape and dtype, and either
     the logits themselves (each tile is loaded before its gradient is stored) or disjoint from
     them."""
+    check_grad_out(grad, logits, target, weight, lse, grad_lse, grad_loss)
+    _index_bwd(grad_loss, logits, target, weight, lse, grad_lse, grad, *options)
+
+
+def _index_bwd(grad_loss, logits, target, weight, lse, grad_lse, grad, *options) -> None:
+    """The backward into ``grad`` (a fresh tensor, or one check_grad_out has passed)."""
     o = loss_options(options)
     check_dtype(logits, "logits")
     check_weight(weight, logits)
-    check_grad_out(grad, logits, target, weight, lse, grad_lse, grad_loss)
     logits = unit_class_stride(logits)
     n_rows, n_classes = logits.shape
     check_targets(target, n_classes, o.ignore_index)

@@ -251,7 +251,7 @@ def ce_soft_bwd(
     :func:`ce_soft_fwd`. Returns contiguous (rows, C) in the logits' dtype.
     """
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ce_soft_bwd_into(grad_loss, logits, target, weight, lse, tsum, grad_lse, grad, *options)
+    _soft_bwd(grad_loss, logits, target, weight, lse, tsum, grad_lse, grad, *options)
     return grad
 
 
@@ -269,11 +269,16 @@ def ce_soft_bwd_into(
     """:func:`ce_soft_bwd` into ``grad``: contiguous, of the logits' shape and dtype, and either
     the logits themselves (each tile is loaded before its gradient is stored) or disjoint from
     them."""
+    check_grad_out(grad, logits, target, weight, lse, tsum, grad_lse, grad_loss)
+    _soft_bwd(grad_loss, logits, target, weight, lse, tsum, grad_lse, grad, *options)
+
+
+def _soft_bwd(grad_loss, logits, target, weight, lse, tsum, grad_lse, grad, *options) -> None:
+    """The backward into ``grad`` (a fresh tensor, or one check_grad_out has passed)."""
     o = loss_options(options)
     check_dtype(logits, "logits")
     _check_target(target, logits)
     check_weight(weight, logits)
-    check_grad_out(grad, logits, target, weight, lse, tsum, grad_lse, grad_loss)
     logits, target = unit_class_stride(logits), unit_class_stride(target)
     n_rows, n_classes = logits.shape
     if grad.numel() == 0:
