@@ -37,6 +37,9 @@ MAX_CHUNK_SHARE = 1 / 10
 SMALL_CHUNK_BYTES = 1 << 20
 #: Rows of the smallest automatic chunk (matmuls below this lose most of their speed).
 MIN_CHUNK_ROWS = 16
+#: Half-precision chunks update the float32 weight gradient from float32 copies of this many bytes
+#: at most, a block of classes at a time: a copy of the whole chunk would be twice the chunk.
+HALF_COPY_BYTES = 16 << 20
 
 OP_NAME = "linear_cross_entropy"
 _SCHEMA = (
@@ -147,10 +150,25 @@ class _Grads:
         if self.input is not None:
             torch.mm(dz, w, out=self.input[r0:r1])
         if self.weight is not None:
-            acc = self.weight.dtype
-            self.weight.addmm_(dz.t().to(acc), xc.to(acc))
+            _add_weight_grad(self.weight, dz, xc)
         if self.bias is not None:
             self.bias += dz.sum(0, dtype=self.bias.dtype)
+
+
+def _add_weight_grad(acc: Tensor, dz: Tensor, xc: Tensor) -> None:
+    """acc += dz.T @ xc with acc in the accumulation dtype. Half factors go through float32
+    copies (torch has no half x half -> float32 matmul on CPU; products of two half values are
+    exact in float32, so the result is the float32 GEMM's), a block of classes at a time: at most
+    :data:`HALF_COPY_BYTES` of copy instead of a copy of the chunk at twice its size."""
+    if dz.dtype == acc.dtype:
+        acc.addmm_(dz.t(), xc)
+        return
+    x32 = xc.to(acc.dtype)
+    rows, classes = dz.shape
+    block = max(256, HALF_COPY_BYTES // max(1, rows * acc.element_size()))
+    for c0 in range(0, classes, block):
+        c1 = min(classes, c0 + block)
+        acc[c0:c1].addmm_(dz[:, c0:c1].t().to(acc.dtype), x32)
 
 
 def _grad_rows(

@@ -9,11 +9,13 @@ compares values and gradients with float64 references built from torch ops on th
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import math
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -56,6 +58,13 @@ def launch(
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the {world} ranks did not finish within {timeout_s} s")
+        except mp.ProcessExitedException as e:
+            done = [r for r in range(world) if Path(tmp, f"rank{r}.pkl").exists()]
+            raise RuntimeError(
+                f"rank {e.error_index} of {world} died (exit code {e.exit_code}, signal "
+                f"{getattr(e, 'signal_name', None)}); ranks {done} had written their results "
+                "(a dead rank's Python traceback, from faulthandler, is in the captured stderr)"
+            ) from e
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -69,6 +78,9 @@ def launch(
 
 
 def _entry(rank, world, port, sizes, suites, backend, folder) -> None:
+    # a rank that dies on a signal (SIGABRT from a C++ std::terminate, SIGSEGV) prints every
+    # thread's Python stack first: the parent only learns the signal
+    faulthandler.enable(all_threads=True)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -92,6 +104,13 @@ def _entry(rank, world, port, sizes, suites, backend, folder) -> None:
     finally:
         Path(folder, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
         dist.destroy_process_group()
+    # Leave without the interpreter's finalisation: the results are on disk and the group is
+    # gone. Finalisation with gloo's threads still about can abort (pytorch/pytorch#179291), and
+    # CI once saw a rank of torch 2.11 die of SIGABRT ("terminate called without an active
+    # exception") at a point its log does not show; faulthandler above now shows where.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---- the rank side -------------------------------------------------------------------------------
@@ -710,6 +729,12 @@ def suite_linear(c: Ctx) -> None:
 def suite_sleep(c: Ctx) -> None:
     """A rank that never finishes (for the launcher's deadline test; not in SUITES)."""
     time.sleep(3600)
+
+
+def suite_abort(c: Ctx) -> None:
+    """The last rank dies of SIGABRT (for the launcher's crash report test; not in SUITES)."""
+    if c.rank == c.world - 1:
+        os.abort()
 
 
 SUITES: Dict[str, Callable[[Ctx], None]] = {

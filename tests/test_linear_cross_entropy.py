@@ -186,6 +186,37 @@ def test_low_precision_no_worse_than_torch(backend, device, dtype):
         assert err <= 1.5 * err_torch + 1e-6, (err, err_torch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_gradient_in_class_blocks(monkeypatch, dtype):
+    """Half-precision chunks update the float32 weight gradient a block of classes at a time
+    (copies of HALF_COPY_BYTES at most): blocks of 256 of 700 classes (the last one partial) give
+    the float32 GEMM of the whole chunk, and a weight gradient no further from float64 than
+    torch's."""
+    gen = torch.Generator().manual_seed(11)
+    rows, h, v = 48, 24, 700
+    dz = torch.randn(rows, v, generator=gen).to(dtype)
+    xc = torch.randn(rows, h, generator=gen).to(dtype)
+    monkeypatch.setattr(lce, "HALF_COPY_BYTES", 1)
+    acc = torch.zeros(v, h)
+    lce._add_weight_grad(acc, dz, xc)
+    whole = torch.zeros(v, h).addmm_(dz.t().float(), xc.float())
+    torch.testing.assert_close(acc, whole, rtol=1e-6, atol=1e-5)
+    x64 = torch.randn(rows * 4, h, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(v, h, generator=gen, dtype=torch.float64) / h**0.5
+    t = torch.randint(0, v, (rows * 4,), generator=gen)
+    grads = []
+    for fn, dt in (
+        (lambda x, w: F.cross_entropy(F.linear(x, w), t), torch.float64),
+        (lambda x, w: F.cross_entropy(F.linear(x, w), t), dtype),
+        (lambda x, w: se.linear_cross_entropy(x, w, t, chunk_size=rows, backend="cpp"), dtype),
+    ):
+        w = w64.to(dt).detach().requires_grad_()
+        fn(x64.to(dt), w).backward()
+        grads.append(w.grad.double())
+    exact, theirs, ours = grads
+    assert (ours - exact).abs().max() <= 1.01 * (theirs - exact).abs().max() + 1e-6
+
+
 def test_gradient_dtypes_and_no_grad(backend, device):
     x, w, b, t, _ = make("2d", "index", device, dtype=torch.bfloat16)
     x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()

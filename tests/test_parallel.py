@@ -67,3 +67,12 @@ def test_a_hung_rank_fails_within_the_deadline():
     """The launcher's own guard: ranks that never finish are killed and reported."""
     with pytest.raises(TimeoutError):
         pw.launch(2, (3, 4), ("sleep",), BACKENDS[0], timeout_s=8)
+
+
+def test_a_dead_rank_is_reported_with_its_stack(capfd):
+    """A rank killed by a signal: the launcher says which rank and signal, and faulthandler has
+    printed the dead rank's Python stack (CI's logs then show where a crash happened)."""
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2 died .*SIGABRT"):
+        pw.launch(2, (3, 4), ("abort",), BACKENDS[0], timeout_s=120)
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Aborted" in err and "suite_abort" in err
