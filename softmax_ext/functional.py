@@ -496,7 +496,7 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
         return_z_loss, return_lse: as in :func:`cross_entropy` (the class dim is the last).
         chunk_size: rows per chunk; by default chosen from V and the dtype so that one chunk's
-            logits take 1/10 of the whole logits and at most 128 MiB.
+            logits take 1/10 of the whole logits and at most 256 MiB.
         backend: "auto" (C++ kernels on CPU, Triton on CUDA), "cpp", "triton" or "torch" (torch's
             unfused ops).
         process_group: vocabulary parallelism: ``linear_weight`` (and ``linear_bias``) hold this

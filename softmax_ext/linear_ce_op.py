@@ -27,7 +27,7 @@ from . import ops as _ops
 from .ops import NAMESPACE, LossOptions, acc_dtype
 
 #: Bytes of one (chunk, V) logits buffer that the automatic chunk size never exceeds.
-CHUNK_BYTES = 128 << 20
+CHUNK_BYTES = 256 << 20
 #: The automatic chunk takes this share of one whole logits tensor. The chunk's gradient overwrites
 #: its logits (the backward kernels' ``_into`` variants), so one buffer is all the chunk holds, and
 #: larger chunks run the matmuls faster: the thin ones (and the weight-gradient update, a read and

@@ -312,8 +312,8 @@ def test_chunk_rows_policy():
     assert lce.chunk_rows(256, 10, 4, None) == 256  # one chunk for a small problem
     assert lce.chunk_rows(100, 10, 4, 7) == 7 and lce.chunk_rows(5, 10, 4, 64) == 5
     assert lce.chunk_rows(4096, 128256, 2, None) == 400
-    assert lce.chunk_rows(4096, 128256, 4, None) == 256  # CHUNK_BYTES
-    assert lce.chunk_rows(65536, 128256, 4, None) == 256  # CHUNK_BYTES: 128 MiB per buffer
+    assert lce.chunk_rows(4096, 128256, 4, None) == 400
+    assert lce.chunk_rows(65536, 128256, 4, None) == 512  # CHUNK_BYTES: 256 MiB per buffer
     assert lce.chunk_rows(0, 10, 4, None) == 1
 
 
