@@ -12,7 +12,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/*.h)
 COMPAT_DIR    := build/compat
 COMPAT_PYTHON := 3.12
 
-.PHONY: install build test test-cpp test-triton test-compat compile-gpu lint format lock train \
+.PHONY: install build test test-cpp test-isa test-triton test-compat compile-gpu lint format lock train \
 	bench bench-core bench-trainer clean
 
 install: $(BUILT)
@@ -35,10 +35,15 @@ build: $(BUILT)
 # C++ backend, public API, trainer and everything else; then the same parity tests for the Triton
 # kernels through Triton's CPU interpreter (TRITON_INTERPRET must be set before triton is imported,
 # hence a separate process).
-test: lint compile-gpu test-cpp test-triton
+test: lint compile-gpu test-cpp test-triton test-isa
 
 test-cpp: $(BUILT)
 	$(PY) -m pytest -q tests
+
+# The whole suite again with each narrower CPU kernel set forced (a machine runs only its widest by
+# itself); on a CPU that lacks one, the kernels warn and fall back to the widest they can run.
+test-isa: $(BUILT)
+	for isa in avx2 baseline; do SOFTMAX_EXT_CPU_ISA=$$isa $(PY) -m pytest -q tests || exit 1; done
 
 test-triton: $(BUILT)
 	TRITON_INTERPRET=1 SOFTMAX_EXT_TEST_BACKENDS=triton $(PY) -m pytest -q -m "parity or triton" tests

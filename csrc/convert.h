@@ -10,7 +10,7 @@
 #include "convert_f16.h"
 #include "simd.h"
 
-namespace sme {
+SME_NAMESPACE_BEGIN
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -70,4 +70,4 @@ SME_INLINE acc_t<T> load1(const T* p) {
   return static_cast<acc_t<T>>(*p);
 }
 
-}  // namespace sme
+SME_NAMESPACE_END

@@ -1,10 +1,9 @@
 // float16 <-> float32 conversion of runs of values, with the CPU's conversion instructions where it
 // has them (AVX-512 or F16C, picked once at load time), or exact integer arithmetic elsewhere.
 //
-// Out of line on purpose: the row kernels are built with target_clones, into which GCC cannot
-// inline ISA-specific intrinsics, and GCC turns a vector _Float16 cast into one conversion per
-// value (or a library call per value on the baseline ISA). One call converts a whole chunk or
-// block.
+// Out of line on purpose: the baseline kernel set cannot use ISA-specific intrinsics, and GCC
+// turns a vector _Float16 cast into one conversion per value (or a library call per value on the
+// baseline ISA). One call converts a whole chunk or block.
 #pragma once
 
 #include <c10/util/Half.h>

@@ -4,6 +4,7 @@
 
 #include "convert_f16.h"
 #include "grad_buffer.h"
+#include "kernel_set.h"
 
 namespace {
 
@@ -35,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Free the cached CPU gradient buffer; returns the bytes freed");
   m.def("_f16_to_f32", &f16_to_f32, "float16 -> float32 as the CPU kernels convert (test hook)");
   m.def("_f32_to_f16", &f32_to_f16, "float32 -> float16 as the CPU kernels round (test hook)");
+  m.def(
+      "_cpu_isa", [] { return std::string(sme::cpu_kernels().isa); },
+      "The instruction set of the CPU kernels in use: avx512, avx2 or baseline "
+      "(SOFTMAX_EXT_CPU_ISA picks a narrower one)");
   m.def("_f16_conversion_impl", &sme::f16_conversion_impl,
         "Which float16 conversion the CPU kernels use: avx512, f16c or portable");
 }

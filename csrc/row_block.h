@@ -10,7 +10,7 @@
 
 #include "convert.h"
 
-namespace sme {
+SME_NAMESPACE_BEGIN
 
 // Largest class count served by blocks (the transposed block then fills 2 KB of L1).
 constexpr int64_t kBlockMaxC = 32;
@@ -49,4 +49,4 @@ SME_INLINE void store_block(const float* buf, int64_t k, int64_t C, T* out) {
   from_acc(dst, k * C, out);
 }
 
-}  // namespace sme
+SME_NAMESPACE_END

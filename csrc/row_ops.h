@@ -7,7 +7,7 @@
 
 #include "simd.h"
 
-namespace sme {
+SME_NAMESPACE_BEGIN
 
 // ---- online log-sum-exp over chunks of a row ----------------------------------------------------
 
@@ -312,4 +312,4 @@ SME_INLINE void softmax_bwd_write(const double* g, const double* y, int64_t n, d
   for (int64_t i = 0; i < n; ++i) out[i] = log ? g[i] - std::exp(y[i]) * s : y[i] * (g[i] - s);
 }
 
-}  // namespace sme
+SME_NAMESPACE_END

@@ -1,8 +1,11 @@
-// Portable SIMD building blocks for the CPU kernels: GCC/Clang vector extensions of 16 floats.
+// Portable SIMD building blocks for the CPU kernels: GCC/Clang vector extensions of kLanes floats.
 //
-// Every helper is force-inlined so that it is compiled for the instruction set of the function it
-// lands in: the row kernels are built once per ISA (AVX-512, AVX2, baseline) with target_clones and
-// picked at load time, instead of -march=native, so a built extension still runs on older CPUs.
+// The row kernels are compiled once per instruction set, each in its own translation unit
+// (kernels_<isa>.cpp) with the vector width of its registers, SME_VEC_BYTES: 64 (16 floats) for
+// AVX-512, 32 for AVX2, 16 for SSE2; 64 where nothing sets it. Everything here lives in the inline
+// namespace SME_ISA_NS, so that each unit's copies of these inline helpers are distinct functions
+// (the linker keeps one copy of a same-named inline function: it must not be another ISA's).
+// Every helper is force-inlined into the kernel, and so compiled for its ISA.
 #pragma once
 
 #include <cmath>
@@ -12,17 +15,32 @@
 
 #define SME_INLINE inline __attribute__((always_inline))
 
+// The float16 conversions (convert_f16.cpp) are the only code still cloned per ISA this way.
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define SME_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SME_CLONES
 #endif
 
-namespace sme {
+#ifndef SME_VEC_BYTES
+#define SME_VEC_BYTES 64
+#endif
+#ifndef SME_ISA_NS
+#define SME_ISA_NS generic
+#endif
+#define SME_NAMESPACE_BEGIN \
+  namespace sme {           \
+  inline namespace SME_ISA_NS {
+#define SME_NAMESPACE_END \
+  }                       \
+  }
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+SME_NAMESPACE_BEGIN
+
+constexpr int kLanes = SME_VEC_BYTES / 4;
+static_assert(kLanes == 4 || kLanes == 8 || kLanes == 16, "SME_VEC_BYTES must be 16, 32 or 64");
+typedef float vf __attribute__((vector_size(SME_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(SME_VEC_BYTES)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -58,7 +76,13 @@ SME_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 // Horizontal reductions by halving with shuffles (lane-by-lane indexing of a vector-extension type
 // goes through the stack and cost more than the rest of a short row).
 SME_INLINE vf swap_halves(vf v, int w) {
+#if SME_VEC_BYTES == 64
   const vi idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#elif SME_VEC_BYTES == 32
+  const vi idx = {0, 1, 2, 3, 4, 5, 6, 7};
+#else
+  const vi idx = {0, 1, 2, 3};
+#endif
   return __builtin_shuffle(v, (idx + w) & (kLanes - 1));
 }
 
@@ -184,4 +208,4 @@ SME_INLINE void stream_fence() {
 #endif
 }
 
-}  // namespace sme
+SME_NAMESPACE_END
