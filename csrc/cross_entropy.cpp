@@ -23,8 +23,9 @@ void check_logits(const at::Tensor& x, const char* op) {
 }
 
 // Shape, dtype and range of class-index targets. The range check runs here, before the kernels:
-// an exception must not unwind through the ISA-cloned kernels (it would terminate the process),
-// and checking first also reports the first bad target, deterministically, as PyTorch does.
+// an exception must not unwind through the row kernels (inside at::parallel_for, it would end the
+// process), and checking first also reports the first bad target, deterministically, as PyTorch
+// does.
 void check_index_target(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index,
                         const char* op) {
   TORCH_CHECK(target.scalar_type() == at::kLong, "softmax_ext::", op,

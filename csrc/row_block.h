@@ -1,11 +1,11 @@
 // Short rows, kLanes at a time, held transposed: element (row l, class c) of a block sits at
-// buf[c * kLanes + l], so one vector instruction works on the same class of 16 rows.
+// buf[c * kLanes + l], so one vector instruction works on the same class of kLanes rows.
 //
 // For rows of a few dozen classes the per-row path (row_ops.h) spends its time on what every row
 // pays once: masked tail loads, horizontal max and sum, a scalar log. Here those become one
-// vertical operation per class and one vector log per 16 rows (measured at 256 x 10 float32: the
-// cross-entropy forward goes from ~63 ns to a few ns per row). Only float accumulation uses it; the
-// float64 reference path stays per row.
+// vertical operation per class and one vector log per kLanes rows (measured at 256 x 10 float32:
+// the cross-entropy forward goes from ~63 ns to a few ns per row). Only float accumulation uses it;
+// the float64 reference path stays per row.
 #pragma once
 
 #include "convert.h"

@@ -12,7 +12,7 @@ SME_NAMESPACE_BEGIN
 namespace {
 
 // Rows [i0, i0 + k), k <= kLanes, C <= kBlockMaxC, float accumulation: the row path's arithmetic
-// on a transposed block (row_block.h), one vertical operation per class for 16 rows.
+// on a transposed block (row_block.h), one vertical operation per class for kLanes rows.
 template <typename T>
 SME_INLINE void softmax_fwd_block(const SoftmaxFwdArgs& a, int64_t i0, int64_t k) {
   alignas(64) float xt[kBlockMaxC * kLanes];
