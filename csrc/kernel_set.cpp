@@ -6,40 +6,42 @@
 namespace sme {
 namespace {
 
-const KernelSet& best_supported() {
+// Every set of this build, widest first.
+const KernelSet* const kSets[] = {
 #if SME_X86_KERNEL_SETS
-  if (__builtin_cpu_supports("x86-64-v4")) return kernels_avx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return kernels_avx2;
+    &kernels_avx512,
+    &kernels_avx2,
 #endif
-  return kernels_baseline;
-}
+    &kernels_baseline,
+};
 
-bool supported(const KernelSet& k) {
+bool runs_here(const KernelSet& k) {
 #if SME_X86_KERNEL_SETS
   if (&k == &kernels_avx512) return __builtin_cpu_supports("x86-64-v4");
   if (&k == &kernels_avx2) return __builtin_cpu_supports("x86-64-v3");
 #endif
-  return &k == &kernels_baseline;
+  return true;  // baseline
+}
+
+const KernelSet& widest_here() {
+  for (const KernelSet* k : kSets)
+    if (runs_here(*k)) return *k;
+  return kernels_baseline;
 }
 
 const KernelSet& choose() {
   const char* env = std::getenv("SOFTMAX_EXT_CPU_ISA");
   const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return best_supported();
-  const KernelSet* k = nullptr;
-#if SME_X86_KERNEL_SETS
-  if (want == "avx512") k = &kernels_avx512;
-  if (want == "avx2") k = &kernels_avx2;
-#endif
-  if (want == "baseline") k = &kernels_baseline;
-  TORCH_CHECK(k != nullptr, "SOFTMAX_EXT_CPU_ISA must be auto, avx512, avx2 or baseline, got '",
-              want, "'", SME_X86_KERNEL_SETS ? "" : " (this build has only the baseline kernels)");
-  if (!supported(*k)) {
+  if (want.empty() || want == "auto") return widest_here();
+  for (const KernelSet* k : kSets) {
+    if (want != k->isa) continue;
+    if (runs_here(*k)) return *k;
     TORCH_WARN("softmax_ext: SOFTMAX_EXT_CPU_ISA=", want, " but this CPU lacks it; using ",
-               best_supported().isa);
-    return best_supported();
+               widest_here().isa);
+    return widest_here();
   }
-  return *k;
+  TORCH_CHECK(false, "SOFTMAX_EXT_CPU_ISA must be auto, avx512, avx2 or baseline, got '", want, "'",
+              SME_X86_KERNEL_SETS ? "" : " (this build has only the baseline kernels)");
 }
 
 }  // namespace

@@ -91,20 +91,28 @@ def test_an_unknown_set_is_refused_with_the_valid_names() -> None:
     assert "SOFTMAX_EXT_CPU_ISA must be auto, avx512, avx2 or baseline, got 'avx9'" in out.stderr
 
 
+@pytest.fixture(scope="module")
+def widest_results(tmp_path_factory) -> tuple:
+    """The cases under the widest set: (its name, the results file)."""
+    path = tmp_path_factory.mktemp("isa") / "widest.pt"
+    widest = _python(_CASES, "auto", str(path))
+    assert widest.returncode == 0, widest.stderr
+    return widest.stdout.strip(), path
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_each_set_computes_what_the_widest_computes(isa: str, tmp_path) -> None:
+def test_each_set_computes_what_the_widest_computes(isa: str, widest_results, tmp_path) -> None:
     """Values and gradients, every dtype, block, row, chunked and tile paths, hostile rows: the same
     up to rounding (the sets sum in different orders; every result is checked against torch by
     the rest of the suite under the widest set, and by `make test-isa` under each)."""
-    widest = _python(_CASES, "auto", str(tmp_path / "widest.pt"))
-    assert widest.returncode == 0, widest.stderr
+    widest_isa, widest_path = widest_results
     narrow = _python(_CASES, isa, str(tmp_path / "narrow.pt"))
     assert narrow.returncode == 0, narrow.stderr
     if narrow.stdout.strip() != isa:
         pytest.skip(f"this CPU lacks {isa}")
-    if widest.stdout.strip() == isa:
+    if widest_isa == isa:
         pytest.skip(f"{isa} is already the widest set here")
-    a, b = torch.load(tmp_path / "widest.pt"), torch.load(tmp_path / "narrow.pt")
+    a, b = torch.load(widest_path), torch.load(tmp_path / "narrow.pt")
     for i, ((dtype, u), (_, v)) in enumerate(zip(a, b, strict=True)):
         tol = _TOLERANCE[dtype]
         torch.testing.assert_close(v, u, rtol=tol, atol=tol, equal_nan=True, msg=f"{i}: {dtype}")
